@@ -1,0 +1,47 @@
+"""`nanoseek <command>`: one entry point, one module per stage.
+
+Each command lives in its own module exposing `add_arguments(parser)` and `main(args)`. Modules are imported
+only when their command runs, so `nanoseek --help` stays fast and one stage's dependencies never burden another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("nanoseek.pipeline", "the whole pipeline on built-in data: data -> pretrain -> ... -> report"),
+    "model-info": ("nanoseek.model.info", "parameters, FLOPs and KV-cache bytes of a model preset"),
+    "data": ("nanoseek.data.cli", "data tools: synth, curate, tokenizer, tokenize"),
+    "pretrain": ("nanoseek.train.pretrain", "pretrain a model from a recipe"),
+    "generate": ("nanoseek.infer.generate", "complete a prompt with a trained model"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek training recipe, end to end.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(func=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
