@@ -104,11 +104,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, nope+rope]
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
+        # SDPA's fused CPU/GPU kernels need v's head dim to match q/k's: zero-pad v, slice the output back.
+        v = F.pad(v, (0, q.shape[-1] - self.v_dim)).transpose(1, 2)
         if key_mask is None:
-            o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=causal_mask(key_mask, T),
-                                               scale=self.scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(key_mask, T), scale=self.scale)
+        o = o[..., : self.v_dim]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,

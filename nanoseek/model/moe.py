@@ -99,7 +99,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     """Rows x[offsets[e-1]:offsets[e]] @ w[e] for every expert e. x [M, K], w [E, K, N] -> [M, N]."""
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w.shape[2]))  # kernel needs 16-byte rows
     if hasattr(torch, "_grouped_mm") and x.dtype in (torch.float32, torch.bfloat16) and aligned:
-        return torch._grouped_mm(x, w.to(x.dtype), offs=offsets)
+        return _grouped_mm_op(x, w.to(x.dtype), offsets)
     # Fallback for builds without _grouped_mm: pad every group to the longest and use one batched matmul.
     E, M = w.shape[0], x.shape[0]
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
@@ -108,6 +108,43 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     padded = x.new_zeros(E, int(counts.max()) if M else 0, x.shape[1])
     padded[expert, slot] = x
     return torch.bmm(padded, w.to(x.dtype))[expert, slot]
+
+
+# torch._grouped_mm runs in fp32 on CPU, but its compile-time shape function only admits bf16; wrapping it as an
+# opaque custom op (with its own backward) lets torch.compile fuse everything around it.
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w, offs=offsets)
+
+
+@_grouped_mm_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("nanoseek::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Σ over each expert's rows of xᵀ·grad: [M, K], [M, N] -> [E, K, N]."""
+    return torch._grouped_mm(x.t(), grad, offs=offsets)
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _backward(ctx, grad):
+    x, w, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    return _grouped_mm_op(grad, w.transpose(1, 2), offsets), _grouped_mm_weight_grad(x, grad, offsets), None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class MoE(nn.Module):

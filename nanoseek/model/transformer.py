@@ -118,11 +118,13 @@ class Transformer(nn.Module):
         return ModelOutput(logits, mtp_logits, balance, counts, h)
 
     def forward_cached(self, input_ids: torch.Tensor, cache: LatentCache, start: int,
-                       key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                       key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                       hidden: bool = False) -> torch.Tensor:
         """Prefill (start == 0) or decode (start > 0) through the latent cache. input_ids [B, t] -> logits [B, t, V].
 
         positions [B, t] overrides the rotary positions (left-padded batches count positions from each prompt's
-        first real token); by default they are start..start+t-1.
+        first real token); by default they are start..start+t-1. hidden=True returns the final normed hidden state
+        [B, t, D] instead (h^0 of MTP drafting; the caller applies `self.head` to just the positions it needs).
         """
         t = input_ids.shape[1]
         if positions is None:
@@ -131,7 +133,8 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         for block in self.blocks:
             x, _ = block(x, cos, sin, cache=cache, start=start, key_mask=key_mask)
-        return self.head(self.norm(x))
+        h = self.norm(x)
+        return h if hidden else self.head(h)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Plain next-token cross-entropy (no MTP / balance terms): handy for evaluation."""
