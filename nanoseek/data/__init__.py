@@ -1,0 +1,1 @@
+"""Data: sources and curation, built-in corpora (synth), tokenizer, token shards and the loader."""
