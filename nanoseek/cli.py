@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("nanoseek.data.cli", "data tools: synth, curate, tokenizer, tokenize"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a model from a recipe"),
     "generate": ("nanoseek.infer.generate", "complete a prompt with a trained model"),
+    "eval": ("nanoseek.eval.evaluate", "score a checkpoint: pass@1/pass@k/maj@k, consistency, hallucination, games, "
+             "bits per byte, speed"),
 }
 
 
