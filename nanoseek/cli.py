@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("nanoseek.data.cli", "data tools: synth, curate, tokenizer, tokenize"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a model from a recipe"),
     "generate": ("nanoseek.infer.generate", "complete a prompt with a trained model"),
+    "chat": ("nanoseek.infer.chat", "streaming terminal chat with a trained model"),
+    "serve": ("nanoseek.infer.serve.app", "OpenAI-compatible server with a web chat page"),
+    "feedback": ("nanoseek.infer.serve.feedback", "export server feedback as SFT and preference JSONL"),
     "eval": ("nanoseek.eval.evaluate", "score a checkpoint: pass@1/pass@k/maj@k, consistency, hallucination, games, "
              "bits per byte, speed"),
 }

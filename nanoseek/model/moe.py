@@ -99,7 +99,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     """Rows x[offsets[e-1]:offsets[e]] @ w[e] for every expert e. x [M, K], w [E, K, N] -> [M, N]."""
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w.shape[2]))  # kernel needs 16-byte rows
     if hasattr(torch, "_grouped_mm") and x.dtype in (torch.float32, torch.bfloat16) and aligned:
-        return _grouped_mm_op(x, w.to(x.dtype), offsets)
+        if torch.compiler.is_compiling():
+            return _grouped_mm_op(x, w.to(x.dtype), offsets)
+        return torch._grouped_mm(x, w.to(x.dtype), offs=offsets)  # eager: skip the custom-op dispatch cost
     # Fallback for builds without _grouped_mm: pad every group to the longest and use one batched matmul.
     E, M = w.shape[0], x.shape[0]
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()

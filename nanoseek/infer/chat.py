@@ -1,0 +1,151 @@
+"""`nanoseek chat --model PATH`: a streaming terminal chat.
+
+The reasoning streams dimmed, the answer in plain text. Commands:
+    /think         toggle reasoning mode (R1 style `<think>` chain) and direct answers (V3 style)
+    /verify N      answer with the verification loop over N chains (0 turns it off)
+    /reset         forget the conversation
+    /help, /quit
+Only the final answers stay in the history (DeepSeek's advice: reasoning is not fed back in later turns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from nanoseek.infer.engine import Backend, TokenEvent
+from nanoseek.infer.reasoning import ReasoningSplitter, split_reasoning
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.verify import verify
+
+DIM, RESET = "\033[2m", "\033[0m"
+HELP = "commands: /think (toggle reasoning), /verify N (N chains, 0 = off), /reset, /help, /quit"
+
+
+class ChatSession:
+    """A conversation with a backend, printing to `out` as tokens arrive."""
+
+    def __init__(self, backend: Backend, params: SamplingParams, thinking: bool = True, verify_n: int = 0,
+                 threshold: float = 0.5, out: TextIO | None = None, color: bool = True):
+        self.backend, self.tokenizer = backend, backend.tokenizer
+        self.params, self.thinking, self.verify_n, self.threshold = params, thinking, verify_n, threshold
+        self.out, self.color = out or sys.stdout, color
+        self.messages: list[dict] = []
+        self.dimmed = False
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means quit."""
+        name, _, arg = line.strip().partition(" ")
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/think":
+            self.thinking = not self.thinking
+            self.say(f"reasoning {'on' if self.thinking else 'off'}")
+        elif name == "/reset":
+            self.messages.clear()
+            self.say("conversation cleared")
+        elif name == "/verify":
+            if not arg.strip().isdigit() or int(arg) > self.backend.max_batch:
+                self.say(f"usage: /verify N with 0 <= N <= {self.backend.max_batch}")
+            else:
+                self.verify_n = int(arg)
+                self.say(f"verification {'off' if self.verify_n == 0 else f'over {self.verify_n} chains'}")
+        else:
+            self.say(HELP)
+        return True
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def write(self, text: str, dim: bool = False) -> None:
+        if not text:
+            return
+        if self.color and dim != self.dimmed:  # switch style only where reasoning starts or ends
+            self.out.write(DIM if dim else RESET)
+            self.dimmed = dim
+        self.out.write(text)
+        self.out.flush()
+
+    def ask(self, text: str) -> str:
+        """Answer a user message; returns the answer (reasoning excluded), which joins the history."""
+        self.messages.append({"role": "user", "content": text})
+        prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
+                                                    thinking=self.thinking)
+        answer = self._verified(prompt) if self.verify_n else self._streamed(prompt)
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+    def _streamed(self, prompt: list[int]) -> str:
+        splitter = ReasoningSplitter(self.thinking)
+        answer: list[str] = []
+
+        def show(pieces: tuple[str, str]) -> None:
+            reasoning, content = pieces
+            self.write(reasoning, dim=True)
+            if content and not answer and self.thinking:
+                self.write("\n")  # the answer starts on its own line after the reasoning
+            if content:
+                self.write(content)
+                answer.append(content)
+
+        def on_event(ev: TokenEvent) -> None:
+            show(splitter.feed(ev.text))
+
+        self.backend.generate([prompt], self.params, stream=on_event)
+        show(splitter.flush())
+        self.write("\n")
+        return "".join(answer).strip()
+
+    def _verified(self, prompt: list[int]) -> str:
+        self.write(f"(verifying over {self.verify_n} chains...)\n", dim=True)
+        verdict = verify(self.backend, prompt, self.verify_n, self.params, self.threshold,
+                         prefill="<think>\n" if self.thinking else "")
+        if verdict.sure:
+            reasoning = split_reasoning(verdict.completions[verdict.chosen], thinking=False)[0]
+            self.write(reasoning + "\n\n", dim=True)
+        self.write(verdict.reply + "\n")
+        self.write(f"(agreement {verdict.votes}/{verdict.n})\n", dim=True)
+        return verdict.reply
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint, run directory (latest checkpoint) or HF dir")
+    parser.add_argument("--max-tokens", type=int, default=512, help="tokens per answer (default 512)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-think", action="store_true", help="start with direct answers (toggle with /think)")
+    parser.add_argument("--verify", type=int, default=0, metavar="N", help="verification loop over N chains")
+    parser.add_argument("--threshold", type=float, default=0.5, help="agreement below which it says it is unsure")
+    parser.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    parser.add_argument("--no-color", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from nanoseek.infer.engine import load_engine
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed)
+    except ValueError as e:
+        print(f"nanoseek chat: {e}", file=sys.stderr)
+        return 2
+    engine = load_engine(args.model, max_batch=max(8, args.verify), speculative=args.speculative)
+    session = ChatSession(engine, params, thinking=not args.no_think, verify_n=args.verify,
+                          threshold=args.threshold, color=not args.no_color and sys.stdout.isatty())
+    session.say(f"nanoseek chat · {args.model} · {HELP}")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            session.say("")
+            return 0
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not session.command(line):
+                return 0
+            continue
+        session.ask(line)

@@ -1,0 +1,394 @@
+"""`nanoseek serve --model PATH`: an OpenAI-compatible HTTP server with a web chat page.
+
+    GET  /                      the chat page (one static HTML file; the server serves no other file)
+    GET  /health                {"status": "ok", ...} or 503 when the engine thread died
+    GET  /v1/models
+    POST /v1/chat/completions   stream or not; n, temperature, top_p, max_tokens, stop, seed, ...;
+                                the reasoning comes back as `reasoning_content` (DeepSeek's API);
+                                extensions: thinking (bool), verify (N chains), routing (experts per token)
+    POST /v1/completions        plain text completion
+    POST /v1/feedback           thumbs up/down + comment, stored in SQLite (`nanoseek feedback export`)
+
+Concurrent requests share forward passes (continuous batching, `worker.EngineWorker`). Limits: prompt length,
+max_tokens cap, n <= the engine's batch, a bounded queue (429 when full, 503 when the engine died). Every invalid
+request gets a 400 with an OpenAI-style error body that says which field is wrong and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoseek.infer.engine import Backend, TokenEvent
+from nanoseek.infer.engine import Request as EngineRequest
+from nanoseek.infer.reasoning import ReasoningSplitter, split_reasoning
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.serve.feedback import FeedbackStore
+from nanoseek.infer.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    SamplingFields,
+    validation_message,
+)
+from nanoseek.infer.serve.worker import EngineWorker, QueueFull, WorkerDead
+from nanoseek.infer.verify import judge
+
+
+@dataclass
+class Limits:
+    max_prompt_tokens: int = 2048
+    max_tokens_cap: int = 1024  # largest max_tokens a request may ask for (and the default)
+    max_queue: int = 64  # samples waiting beyond the running batch before 429
+    verify_threshold: float = 0.5
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+class Server:
+    """The routes' shared state: backend + worker thread, limits, feedback store."""
+
+    def __init__(self, backend: Backend, model_name: str, limits: Limits, feedback: FeedbackStore | None):
+        self.backend, self.tokenizer, self.model_name = backend, backend.tokenizer, model_name
+        self.limits, self.feedback = limits, feedback
+        self.worker = EngineWorker(backend, limits.max_queue)
+        self.created = int(time.time())
+
+    # --- request checking ------------------------------------------------------------------------
+    @staticmethod
+    async def parse(request: Request, model: type[BaseModel]):
+        body = await request.body()
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as e:
+            message, param = validation_message(e.errors(include_url=False))
+            raise ApiError(message, param) from None
+
+    def params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None, n: int,
+               n_field: str = "n") -> SamplingParams:
+        lim = self.limits
+        if prompt_len > lim.max_prompt_tokens:
+            raise ApiError(f"the prompt has {prompt_len} tokens; this server accepts at most "
+                           f"{lim.max_prompt_tokens}", "messages" if isinstance(req, ChatRequest) else "prompt")
+        room = self.backend.max_len - prompt_len
+        if max_tokens is not None and max_tokens > lim.max_tokens_cap:
+            raise ApiError(f"max_tokens={max_tokens} exceeds this server's cap of {lim.max_tokens_cap}",
+                           "max_tokens")
+        if max_tokens is not None and max_tokens > room:
+            raise ApiError(f"the model's context is {self.backend.max_len} tokens: {prompt_len} in the prompt "
+                           f"leave room for {room}, not max_tokens={max_tokens}", "max_tokens")
+        if room < 1:
+            raise ApiError(f"the prompt fills the model's context ({self.backend.max_len} tokens)", "messages")
+        if n > self.backend.max_batch:
+            raise ApiError(f"{n_field}={n} exceeds this server's batch of {self.backend.max_batch}", n_field)
+        try:
+            return SamplingParams(max_tokens=max_tokens or min(lim.max_tokens_cap, room),
+                                  temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                  repetition_penalty=req.repetition_penalty, seed=req.seed, n=n, stop=req.stop,
+                                  ignore_eos=req.ignore_eos)
+        except ValueError as e:
+            raise ApiError(str(e)) from None
+
+    def submit(self, requests: list[EngineRequest]) -> asyncio.Queue:
+        try:
+            return self.worker.submit(requests)
+        except QueueFull as e:
+            raise ApiError(str(e), status=429, kind="rate_limit_error", code="queue_full") from None
+        except WorkerDead as e:
+            raise ApiError(str(e), status=503, kind="server_error", code="engine_unavailable") from None
+
+    async def events(self, queue: asyncio.Queue, requests: list[EngineRequest]) -> AsyncIterator[TokenEvent]:
+        """Yield the events of submitted requests until all are finished; the requests are aborted if the caller
+        stops early (a streaming client that disconnects)."""
+        done = False
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, ValueError):
+                    raise ApiError(str(item))
+                if isinstance(item, BaseException):
+                    raise ApiError(f"generation failed: {item!r}", status=500, kind="server_error")
+                yield item
+            done = True
+        finally:
+            if not done:
+                self.worker.cancel(requests)
+
+    # --- /v1/chat/completions -------------------------------------------------------------------
+    async def chat(self, request: Request):
+        req: ChatRequest = await self.parse(request, ChatRequest)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=req.thinking)
+        except ValueError as e:
+            raise ApiError(str(e), "messages") from None
+        if req.verify and (req.stream or req.n > 1):
+            raise ApiError("verify returns one consensus answer: it cannot be combined with stream or n > 1",
+                           "verify")
+        n = req.verify or req.n
+        params = self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, n,
+                             "verify" if req.verify else "n")
+        engine_req = EngineRequest(prompt, params, routing=req.routing)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        queue = self.submit([engine_req])  # before any response byte: a full queue is a 429, not a broken stream
+        if req.stream:
+            return StreamingResponse(self.chat_stream(req, engine_req, queue, cid, messages),
+                                     media_type="text/event-stream")
+        texts, reasons, routing, generated = [""] * n, ["stop"] * n, [[] for _ in range(n)], 0
+        async for ev in self.events(queue, [engine_req]):
+            texts[ev.index] += ev.text
+            generated += ev.token is not None
+            if ev.finish_reason:
+                reasons[ev.index] = ev.finish_reason
+            if req.routing and ev.token is not None:
+                routing[ev.index].append(self.route_entry(ev))
+        opened = "<think>\n" if req.thinking else ""
+        raw = [opened + t for t in texts]
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": generated,
+                 "total_tokens": len(prompt) + generated}
+        body = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+                "usage": usage}
+        if req.verify:
+            verdict = judge(raw, self.limits.verify_threshold)
+            reasoning = split_reasoning(raw[verdict.chosen], thinking=False)[0] if verdict.sure else ""
+            body["choices"] = [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                                "message": {"role": "assistant", "content": verdict.reply,
+                                            "reasoning_content": reasoning}}]
+            body["verification"] = verdict.to_dict()
+            if not verdict.sure and self.feedback is not None:
+                self.feedback.add_feedback("low_confidence", messages, verdict.completions[verdict.chosen or 0],
+                                           meta=verdict.to_dict())
+        else:
+            choices = []
+            for i in range(n):
+                reasoning, content = split_reasoning(raw[i], thinking=False)
+                choice = {"index": i, "finish_reason": reasons[i], "logprobs": None,
+                          "message": {"role": "assistant", "content": content, "reasoning_content": reasoning}}
+                if req.routing:
+                    choice["routing"] = routing[i]
+                choices.append(choice)
+                self.remember(cid, i, messages, raw[i])
+            body["choices"] = choices
+        return JSONResponse(body)
+
+    async def chat_stream(self, req: ChatRequest, engine_req: EngineRequest, queue: asyncio.Queue, cid: str,
+                          messages: list[dict]) -> AsyncIterator[str]:
+        n, created = engine_req.params.n, int(time.time())
+        splitters = [ReasoningSplitter(bool(req.thinking)) for _ in range(n)]
+        raw = ["<think>\n" if req.thinking else ""] * n
+        tokens = 0
+
+        def chunk(index: int, delta: dict, finish: str | None = None, **extra) -> str:
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}
+            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                         "choices": [choice]})
+
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for ev in self.events(queue, [engine_req]):
+            raw[ev.index] += ev.text
+            tokens += ev.token is not None
+            reasoning, content = splitters[ev.index].feed(ev.text)
+            if ev.finish_reason:
+                r2, c2 = splitters[ev.index].flush()
+                reasoning, content = reasoning + r2, content + c2
+            delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+            extra = {"routing": self.route_entry(ev)} if req.routing and ev.token is not None else {}
+            if delta or extra:
+                yield chunk(ev.index, delta, **extra)
+            if ev.finish_reason:
+                yield chunk(ev.index, {}, ev.finish_reason)
+                self.remember(cid, ev.index, messages, raw[ev.index])
+        if req.stream_options is not None and req.stream_options.include_usage:
+            prompt_tokens = len(engine_req.prompt)
+            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                        "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                                                 "total_tokens": prompt_tokens + tokens}})
+        yield _sse("[DONE]")
+
+    def route_entry(self, ev: TokenEvent) -> dict:
+        return {"token": self.tokenizer.decode([ev.token]), "experts": ev.experts}
+
+    def remember(self, cid: str, index: int, messages: list[dict], completion: str) -> None:
+        if self.feedback is not None:
+            self.feedback.add_completion(cid, index, self.model_name, messages, completion)
+
+    # --- /v1/completions ------------------------------------------------------------------------
+    async def completions(self, request: Request):
+        req: CompletionRequest = await self.parse(request, CompletionRequest)
+        if isinstance(req.prompt, str):
+            prompts = [self.tokenizer.encode(req.prompt, bos=True)]
+        elif isinstance(req.prompt[0], str):
+            prompts = [self.tokenizer.encode(p, bos=True) for p in req.prompt]
+        else:
+            prompts = [list(req.prompt)]
+            limit = self.tokenizer.vocab_size
+            bad = [t for t in prompts[0] if not 0 <= t < limit]
+            if bad:
+                raise ApiError(f"prompt token id {bad[0]} is outside the vocabulary [0, {limit})", "prompt")
+        if len(prompts) * req.n > self.backend.max_batch + self.limits.max_queue:
+            raise ApiError(f"{len(prompts)} prompts x n={req.n} is more than this server queues", "prompt")
+        reqs = [EngineRequest(p, self.params(req, len(p), req.max_tokens, req.n)) for p in prompts]
+        order = {r.id: k for k, r in enumerate(reqs)}
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def index(ev: TokenEvent) -> int:
+            return order[ev.request_id] * req.n + ev.index
+
+        queue = self.submit(reqs)
+
+        if req.stream:
+            async def stream() -> AsyncIterator[str]:
+                def chunk(i: int, text: str, finish: str | None = None) -> str:
+                    return _sse({"id": cid, "object": "text_completion", "created": created,
+                                 "model": self.model_name,
+                                 "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}]})
+
+                async for ev in self.events(queue, reqs):
+                    if ev.text or ev.finish_reason:
+                        yield chunk(index(ev), ev.text, ev.finish_reason)
+                yield _sse("[DONE]")
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+        total = len(prompts) * req.n
+        texts, reasons, counts = [""] * total, ["stop"] * total, 0
+        async for ev in self.events(queue, reqs):
+            texts[index(ev)] += ev.text
+            counts += ev.token is not None
+            if ev.finish_reason:
+                reasons[index(ev)] = ev.finish_reason
+        prompt_tokens = sum(len(p) for p in prompts)
+        return JSONResponse({
+            "id": cid, "object": "text_completion", "created": created, "model": self.model_name,
+            "choices": [{"index": i, "text": texts[i], "finish_reason": reasons[i], "logprobs": None}
+                        for i in range(total)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": counts,
+                      "total_tokens": prompt_tokens + counts}})
+
+    # --- /v1/feedback ---------------------------------------------------------------------------
+    async def add_feedback(self, request: Request):
+        if self.feedback is None:
+            raise ApiError("this server was started without a feedback database", status=404, kind="not_found")
+        req: FeedbackRequest = await self.parse(request, FeedbackRequest)
+        if req.completion_id is not None:
+            found = self.feedback.completion(req.completion_id, req.choice)
+            if found is None:
+                raise ApiError(f"no completion {req.completion_id!r} (choice {req.choice}) on this server",
+                               "completion_id")
+            messages, completion = found
+        elif req.messages is not None and req.response is not None:
+            messages, completion = [{"role": m.role, "content": m.text()} for m in req.messages], req.response
+        else:
+            raise ApiError("give completion_id, or messages and response", "completion_id")
+        fid = self.feedback.add_feedback("rating", messages, completion, req.rating, req.comment,
+                                         req.completion_id)
+        return {"id": fid, "object": "feedback"}
+
+
+def create_app(backend: Backend, model_name: str = "nanoseek", limits: Limits | None = None,
+               feedback: FeedbackStore | None = None) -> FastAPI:
+    """The FastAPI app around a backend (its worker thread starts and stops with the app)."""
+    server = Server(backend, model_name, limits or Limits(), feedback)
+    page = resources.files("nanoseek.infer.serve").joinpath("index.html").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        server.worker.start()
+        yield
+        server.worker.stop()
+
+    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException):
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(ApiError(str(e.detail), status=e.status_code, kind=kind).body(),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def crash(_request: Request, e: Exception):
+        return JSONResponse(ApiError(f"internal error: {e!r}", status=500, kind="server_error").body(),
+                            status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, e: RequestValidationError):
+        message, param = validation_message(list(e.errors()))
+        return JSONResponse(ApiError(message, param).body(), status_code=400)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        worker = server.worker
+        if worker.error is not None or not worker.thread.is_alive():
+            return JSONResponse({"status": "error", "error": repr(worker.error)}, status_code=503)
+        return {"status": "ok", "model": model_name, "load": worker.load, "max_batch": backend.max_batch,
+                "cancelled": worker.cancelled}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
+                                            "owned_by": "nanoseek", "max_model_len": backend.max_len}]}
+
+    app.post("/v1/chat/completions")(server.chat)
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/feedback")(server.add_feedback)
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint, run directory (latest checkpoint) or HF dir")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--name", default=None, help="model id reported by /v1/models (default: directory name)")
+    parser.add_argument("--max-batch", type=int, default=8, help="samples decoded together (cache rows)")
+    parser.add_argument("--max-len", type=int, default=None, help="context per sample (default: the model's)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="default: context - 1")
+    parser.add_argument("--max-tokens-cap", type=int, default=1024)
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting samples before 429")
+    parser.add_argument("--verify-threshold", type=float, default=0.5, help="agreement below which verify says "
+                        "it is not sure")
+    parser.add_argument("--feedback-db", default="nanoseek-feedback.sqlite", help="SQLite file ('' disables)")
+    parser.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from nanoseek.infer.engine import load_engine
+
+    engine = load_engine(args.model, max_batch=args.max_batch, max_len=args.max_len, speculative=args.speculative)
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens or engine.max_len - 1,
+                    max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
+                    verify_threshold=args.verify_threshold)
+    feedback = FeedbackStore(args.feedback_db) if args.feedback_db else None
+    name = args.name or Path(args.model).resolve().name
+    print(f"nanoseek serve: {name} on http://{args.host}:{args.port}/ (feedback: {args.feedback_db or 'off'})",
+          file=sys.stderr)
+    uvicorn.run(create_app(engine, name, limits, feedback), host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,121 @@
+"""OpenAI-compatible request bodies (strictly typed: a string where a number belongs is a 400, not a guess) and
+the error body OpenAI clients expect: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does; status 400 unless told otherwise."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    # unknown fields are ignored (clients send vendor extras), known ones must have the right type
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(_Strict):
+    """Fields shared by /v1/chat/completions and /v1/completions (OpenAI defaults)."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # extensions understood by vLLM-style servers
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [] if v is None else [v] if isinstance(v, str) else v
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+
+class ChatRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    # nanoseek extensions
+    thinking: bool | None = None  # True: reason first (R1); False: answer directly (V3); None: model decides
+    verify: int = Field(default=0, ge=0)  # answer with the verification loop over this many chains
+    routing: bool = False  # stream the experts each MoE layer chose for every generated token
+
+    @field_validator("messages")
+    @classmethod
+    def _last_is_not_assistant(cls, v: list[Message]) -> list[Message]:
+        if v[-1].role == "assistant":
+            raise ValueError("the last message must be from the user or system, not the assistant")
+        return v
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int]
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str | list[str] | list[int]) -> str | list[str] | list[int]:
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt list is empty")
+        return v
+
+
+class FeedbackRequest(_Strict):
+    rating: Literal[-1, 1]  # thumbs down / up
+    completion_id: str | None = None  # an answer this server gave (preferred: the server knows what it said)
+    choice: int = Field(default=0, ge=0)
+    messages: list[Message] | None = None  # or: the conversation and the answer as the client saw them
+    response: str | None = None
+    comment: str = Field(default="", max_length=4000)
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """The first pydantic error as `field.path: reason` and the offending top-level parameter."""
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    if e.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    path = ".".join(loc) or "body"
+    return f"{path}: {e.get('msg', 'invalid value')}", loc[0] if loc else None
