@@ -1,0 +1,174 @@
+"""Checkpoints that never lose work: written under a temporary name, renamed when complete, self-describing.
+
+    RUN/checkpoints/step_0000100/
+        config.json, model.safetensors   HF DeepseekV3 format: `nanoseek.load` and transformers read it
+        nanoseek.json                    recipe, stage, step, metrics summary
+        tokenizer files                  copied from the data stage, so the directory stands alone
+        trainer_state.pt                 step, data-loader positions, RNG states, counters (no tensors of size)
+        optimizer.pt                     single process: AdamW moments keyed by parameter name
+        dcp/                             several processes: model + optimizer via torch.distributed.checkpoint
+
+A single-process checkpoint resumes under torchrun and a distributed one resumes on any number of processes
+(DCP reshards; expert slices are stored as DTensors sharded over the expert ranks). Balancing biases are
+model buffers, so they travel inside model.safetensors / dcp. Only the last `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.model.hf import from_hf_state_dict, read_tensors, write_json
+from nanoseek.model.transformer import Transformer
+from nanoseek.train.parallelize import Parallel, expert_dtensors, gather_full_state_dict, local_experts
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+DCP_DIR = "dcp"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories of interrupted saves are skipped)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    m = _NAME.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path}: not a checkpoint directory (expected a name like step_0000100)")
+    return int(m.group(1))
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], rank_state: dict[str, Any], par: Parallel, keep: int = 3,
+                    json_files: dict[str, dict] | None = None, copy_files: list[Path] | None = None) -> Path:
+    """Write checkpoint `step` atomically; every process must call it. Returns the final directory.
+
+    state: picklable-by-torch trainer state shared by all ranks; rank_state: this rank's own (data position,
+    RNG). `model` is the unwrapped model (not the DDP wrapper).
+    """
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".tmp_{final.name}")
+    if par.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    par.barrier()
+    rank_states = par.all_gather_object(rank_state)
+    if par.distributed:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": expert_dtensors(msd, par), "optim": expert_dtensors(osd, par)},
+                 checkpoint_id=str(tmp / DCP_DIR))
+        full = gather_full_state_dict(model, par)
+    else:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        full = None
+        torch.save(get_optimizer_state_dict(model, optimizer), tmp / OPTIMIZER_FILE)
+    if par.is_main:
+        _export_model(model, full, tmp)
+        torch.save({**state, "step": step, "world_size": par.world_size, "ranks": rank_states}, tmp / STATE_FILE)
+        for name, data in (json_files or {}).items():
+            write_json(tmp / name, data)
+        for f in copy_files or []:
+            shutil.copy2(f, tmp / Path(f).name)
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (e.g. interrupted right after resuming): replace it
+            old = final.with_name(f".old_{final.name}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    par.barrier()
+    return final
+
+
+def _export_model(model: Transformer, full: dict[str, torch.Tensor] | None, out: Path) -> None:
+    """config.json + model.safetensors. Distributed runs pass the gathered full state dict."""
+    if full is None:
+        model.save_pretrained(out)
+        return
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    plain.load_state_dict(full, strict=False, assign=True)
+    missing = [k for k, v in plain.state_dict().items() if v.is_meta]
+    if missing:
+        raise RuntimeError(f"gathered state dict lacks {missing[:4]}")
+    plain.save_pretrained(out)
+
+
+def load_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim.Optimizer,
+                    par: Parallel) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore model and optimizer in place (every process calls it). Returns (state, this rank's rank_state),
+    the latter None when the checkpoint was written by a different number of processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    path = Path(path)
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"{path}: no {STATE_FILE}; not a resumable training checkpoint")
+    if (path / DCP_DIR).is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        msd, osd = get_state_dict(model, optimizer)
+        target = {"model": expert_dtensors(msd, par), "optim": expert_dtensors(osd, par)} if par.distributed \
+            else {"model": msd, "optim": osd}
+        dcp.load(target, checkpoint_id=str(path / DCP_DIR))
+        set_state_dict(model, optimizer, model_state_dict=local_experts(target["model"], par),
+                       optim_state_dict=local_experts(target["optim"], par))
+    else:
+        weights = from_hf_state_dict(model.config, read_tensors(path), where=str(path))
+        optim = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        options = StateDictOptions(full_state_dict=True, strict=True)
+        set_state_dict(model, optimizer, model_state_dict=local_experts(weights, par),
+                       optim_state_dict=local_experts(optim, par), options=options)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    ranks = state.pop("ranks")
+    mine = ranks[par.rank] if state["world_size"] == par.world_size else None
+    return state, mine
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file to disk before the rename makes the checkpoint visible (power loss, not just kill -9)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,506 @@
+"""`nanoseek pretrain`: one trainer from a laptop to torchrun clusters.
+
+    nanoseek pretrain --recipe tiny --out runs/tiny
+    torchrun --nproc_per_node=8 -m nanoseek pretrain --recipe base --out runs/base --parallel fsdp --expert-parallel 8
+
+Each optimiser step sees `global_batch_tokens` tokens whatever the process count: every process runs
+global_batch / (micro_batch · seq_len · processes) micro-batches and gradients are averaged, so the loss curve
+does not depend on how many processes share the work. The loader deals rows of one global stream round-robin to
+the processes, so W processes see exactly the rows one process would in each step, and the data position in a
+checkpoint is the same for any W.
+
+A step: forward with MTP and routing statistics -> L = CE + λ·MTP + α·balance -> backward (accumulated) ->
+global grad norm, clip -> AdamW -> aux-loss-free bias update from expert loads summed over all processes.
+A non-finite loss or gradient norm skips the update; `max_bad_steps` in a row stop the run with the last good
+checkpoint left in place. SIGTERM/SIGINT finish the current step, save, and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nanoseek.config import from_dict, load_recipe
+from nanoseek.data.shards import TokenLoader
+from nanoseek.data.tokenizer import CONTROL_TOKENS, Tokenizer
+from nanoseek.model import ModelConfig, Transformer, preset
+from nanoseek.model.balance import max_violation, update_bias
+from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.fp8 import convert_to_float8
+from nanoseek.train.metrics import MetricsWriter, matmul_peak_flops, mfu, plot_metrics
+from nanoseek.train.objectives import bias_rate_at, mtp_accuracy, mtp_lambda_at, pretrain_loss
+from nanoseek.train.optim import build_optimizer, lr_multiplier, set_lr
+from nanoseek.train.parallelize import (
+    Parallel,
+    clip_grad_norm,
+    init_parallel,
+    parallelize,
+    reduce_expert_grads,
+    shutdown,
+)
+
+
+@dataclass
+class PretrainConfig:
+    # batch: tokens per optimiser step, split into micro-batches of micro_batch sequences of seq_len tokens
+    seq_len: int = 256
+    micro_batch: int = 8
+    global_batch_tokens: int = 16384
+    max_steps: int = 1000
+    # AdamW + schedule (DeepSeek-V3: warmup -> constant -> cosine decay)
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | wsd
+    warmup_steps: int = 50
+    decay_start: float = 0.8  # fraction of max_steps where the decay begins
+    final_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # objective: MTP weight λ (start until mtp_lambda_switch × max_steps, then final), balance loss α
+    mtp_lambda: float = 0.3
+    mtp_lambda_final: float = 0.1
+    mtp_lambda_switch: float = 0.7
+    balance_alpha: float = 1e-4
+    # auxiliary-loss-free balancing: bias rate γ, 0 from bias_update_stop × max_steps on
+    bias_update_rate: float = 1e-3
+    bias_update_stop: float = 0.95
+    # precision: fp32 | bf16 (autocast; FSDP gathers parameters in bf16); fp8: "" | blockwise | rowwise
+    precision: str = "fp32"
+    fp8: str = ""
+    # bookkeeping
+    seed: int = 0
+    val_every: int = 100  # steps between validations (0: only at the end)
+    val_batches: int = 8  # micro-batches per validation, over all processes
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5
+    compile: bool = False  # torch.compile the model (~1.2x on CPU after a compile of a minute or more)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads per process (0: torch's default)
+    plots: bool = True
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"[pretrain] {name}={getattr(self, name)!r}: {why}")
+
+        for name in ("seq_len", "micro_batch", "global_batch_tokens", "max_steps", "keep_checkpoints",
+                     "max_bad_steps", "val_batches"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if self.schedule not in ("cosine", "wsd"):
+            raise bad("schedule", "expected 'cosine' or 'wsd'")
+        if self.precision not in ("fp32", "bf16"):
+            raise bad("precision", "expected 'fp32' or 'bf16'")
+        if self.fp8 not in ("", "blockwise", "rowwise"):
+            raise bad("fp8", "expected '', 'blockwise' or 'rowwise'")
+        if not 0 <= self.decay_start <= 1:
+            raise bad("decay_start", "must be a fraction in [0, 1]")
+
+    def accumulation(self, world_size: int) -> int:
+        per_step = self.micro_batch * self.seq_len * world_size
+        if self.global_batch_tokens % per_step:
+            raise ValueError(f"[pretrain] global_batch_tokens={self.global_batch_tokens} is not a multiple of "
+                             f"micro_batch × seq_len × processes = {self.micro_batch} × {self.seq_len} × "
+                             f"{world_size} = {per_step}")
+        return self.global_batch_tokens // per_step
+
+
+@dataclass
+class DataConfig:
+    """[data]: the built-in corpus (built when missing) or the outputs of `nanoseek data`."""
+
+    docs: int = 2000  # built-in corpus size
+    vocab_size: int = 4096
+    seed: int = 0
+    root: str = ""  # where built-in data is cached ("" -> ~/.cache/nanoseek/data or $NANOSEEK_DATA)
+    tokenizer_dir: str = ""  # both set -> use these instead of the built-in data
+    tokens_dir: str = ""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after a SIGTERM/SIGINT stop has saved its checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        self.signum, self.checkpoint = signum, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved at {checkpoint} "
+                         f"(continue with --resume)")
+
+
+# --- recipe -> parts ----------------------------------------------------------------------------------------
+def model_config(recipe: dict[str, Any], vocab_size: int) -> ModelConfig:
+    """[model]: `preset = "tiny"` plus any ModelConfig field as an override; the vocabulary follows the tokenizer."""
+    section = dict(recipe.get("model") or {})
+    name = section.pop("preset", "tiny")
+    section.setdefault("vocab_size", vocab_size)
+    if section["vocab_size"] < vocab_size:
+        raise ValueError(f"[model] vocab_size={section['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    try:
+        return preset(name, **section)
+    except TypeError as e:
+        raise ValueError(f"[model]: {e}") from e
+
+
+def prepare_data(recipe: dict[str, Any], par: Parallel) -> tuple[Path, Path]:
+    """(tokenizer_dir, tokens_dir); the built-in data is built by rank 0 while the others wait."""
+    cfg = from_dict(DataConfig, recipe.get("data"), "data")
+    if cfg.tokenizer_dir or cfg.tokens_dir:
+        if not (cfg.tokenizer_dir and cfg.tokens_dir):
+            raise ValueError("[data] tokenizer_dir and tokens_dir must be given together")
+        return Path(cfg.tokenizer_dir), Path(cfg.tokens_dir)
+    from nanoseek.data.cli import ensure_builtin_data
+
+    root = Path(cfg.root).expanduser() if cfg.root else default_data_root()
+    if par.is_main:
+        ensure_builtin_data(root, cfg.docs, cfg.vocab_size, cfg.seed)
+    par.barrier()
+    tok, tokens = ensure_builtin_data(root, cfg.docs, cfg.vocab_size, cfg.seed)
+    return Path(tok), Path(tokens)
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("NANOSEEK_DATA", Path.home() / ".cache" / "nanoseek" / "data"))
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
+    """[V] UTF-8 bytes of text each token id stands for: turns nats per token into bits per byte.
+
+    Byte-level BPE spells every token in a 256-character alphabet, one character per byte, so a token's
+    length is its byte count; the control tokens (BOS, EOS, PAD, roles) stand for no text at all.
+    """
+    control = {tokenizer.token_to_id(t) for t in CONTROL_TOKENS}
+    return torch.tensor([0 if i in control else len(tokenizer.id_to_token(i) or "")
+                         for i in range(tokenizer.vocab_size)], dtype=torch.long)
+
+
+# --- the trainer --------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, recipe: dict[str, Any], cfg: PretrainConfig, out_dir: Path, par: Parallel,
+                 progress: bool = True):
+        self.recipe, self.cfg, self.out, self.par, self.progress = recipe, cfg, out_dir, par, progress
+        self.device = par.device
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.tokenizer_dir, self.tokens_dir = prepare_data(recipe, par)
+        self.tokenizer = Tokenizer.load(self.tokenizer_dir)
+        self.token_bytes = token_byte_lengths(self.tokenizer).to(self.device)
+        self.accum = cfg.accumulation(par.world_size)
+
+        torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
+        self.model = Transformer(model_config(recipe, self.tokenizer.vocab_size)).to(self.device)
+        self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
+        if cfg.fp8:
+            convert_to_float8(self.model, cfg.fp8)
+        bf16 = cfg.precision == "bf16"
+        self.forward_model = parallelize(self.model, par, torch.bfloat16 if bf16 else None)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 \
+            else contextlib.nullcontext
+        self.foreach = not (par.mode == "fsdp" and par.ep > 1)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                         foreach=self.foreach)
+        # one global stream of rows; this rank takes every world_size-th (see module docstring)
+        self.loader = TokenLoader(self.tokens_dir, "train", cfg.seq_len, cfg.micro_batch, par.rank,
+                                  par.world_size, seed=cfg.seed)
+        # MFU's denominator: the peak of the GEMMs that run (FP8 ones only on GPUs; CPU FP8 is emulated in fp32)
+        gemm_dtype = torch.bfloat16 if bf16 else torch.float32
+        if cfg.fp8 and self.device.type == "cuda":
+            gemm_dtype = torch.float8_e4m3fn
+        self.peak = matmul_peak_flops(self.device, gemm_dtype)
+        self.step, self.bad_steps, self.tokens_seen = 0, 0, 0
+        self.last_val: dict[str, Any] = {}
+        self.stop_signal: int | None = None
+
+    # --- one optimiser step ------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        cfg, par, step = self.cfg, self.par, self.step
+        lr = cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.decay_start,
+                                    cfg.final_lr_ratio)
+        lam = mtp_lambda_at(step, cfg.max_steps, cfg.mtp_lambda, cfg.mtp_lambda_final, cfg.mtp_lambda_switch)
+        gamma = bias_rate_at(step, cfg.max_steps, cfg.bias_update_rate, cfg.bias_update_stop)
+        set_lr(self.optimizer, lr)
+        t0 = time.perf_counter()
+        parts = torch.zeros(3, dtype=torch.float64, device=self.device)  # ce, mtp, balance
+        counts = None
+        for micro in range(self.accum):
+            batch = next(self.loader).to(self.device)  # [B, T+1]
+            inputs, labels = batch[:, :-1], batch[:, 1:]
+            with self.gradient_sync(micro == self.accum - 1):
+                with self.autocast():
+                    out = self.forward_model(inputs, extras=True)
+                    loss, p = pretrain_loss(out, labels, lam, cfg.balance_alpha)
+                (loss / self.accum).backward()
+            parts += torch.stack([p["ce"], p["mtp"], p["balance"]]).double() / self.accum
+            if out.expert_counts is not None:
+                counts = out.expert_counts if counts is None else counts + out.expert_counts
+        reduce_expert_grads(par)
+        parts = par.all_reduce(parts) / par.world_size
+        if counts is not None:
+            counts = par.all_reduce(counts)
+        grad_norm = clip_grad_norm(self.model, cfg.grad_clip, par)
+        finite = bool(torch.isfinite(parts).all()) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            if counts is not None and gamma > 0:
+                update_bias(self.model, counts, gamma)
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - t0
+        self.step += 1
+        self.tokens_seen += cfg.global_batch_tokens
+        tps = cfg.global_batch_tokens / elapsed
+        record: dict[str, Any] = {"step": self.step}
+        if finite:
+            ce, mtp, bal = parts.tolist()
+            record.update(loss=ce, mtp_loss=mtp, balance_loss=bal,
+                          total_loss=ce + lam * mtp + cfg.balance_alpha * bal)
+        else:
+            what = "loss" if not torch.isfinite(parts).all() else "gradient norm"
+            record.update(loss=None, event="skipped", reason=f"non-finite {what}")
+        record.update(lr=lr, mtp_lambda=lam, bias_rate=gamma, grad_norm=float(grad_norm) if finite else None,
+                      tokens=self.tokens_seen, tokens_per_s=tps,
+                      mfu=mfu(tps / par.world_size, self.flops_per_token, self.peak), step_time=elapsed)
+        if counts is not None:
+            vio = max_violation(counts)
+            record.update(max_vio=vio.tolist(), max_vio_mean=float(vio.mean()), expert_loads=counts.tolist())
+        return record
+
+    def gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Gradients are reduced across processes only after the last micro-batch of a step."""
+        if self.par.mode == "ddp" and not sync:
+            return getattr(self.forward_model, "_orig_mod", self.forward_model).no_sync()
+        if self.par.mode == "fsdp":
+            self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    # --- validation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Main-head loss and bits per byte, MTP-head loss/accuracy and MaxVio on the first val_batches
+        micro-batches of the validation split (the same ones every time)."""
+        cfg, par = self.cfg, self.par
+        self.model.eval()
+        loader = TokenLoader(self.tokens_dir, "val", cfg.seq_len, cfg.micro_batch, par.rank, par.world_size,
+                             seed=cfg.seed)
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # nats, tokens, bytes, mtp nats·n, n
+        counts, mtp_hits = None, None
+        for _ in range(max(1, cfg.val_batches // par.world_size)):
+            batch = next(loader).to(self.device)
+            inputs, labels = batch[:, :-1], batch[:, 1:]
+            with self.autocast():
+                out = self.forward_model(inputs, extras=True)
+            nll = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(),
+                                                    reduction="sum")
+            sums[0] += nll.double()
+            sums[1] += labels.numel()
+            sums[2] += self.token_bytes[labels].sum().double()
+            for k, logits in enumerate(out.mtp_logits, start=1):
+                target = labels[:, k:]
+                sums[3] += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(),
+                                                             reduction="sum").double()
+                sums[4] += target.numel()
+            hits = torch.tensor(mtp_accuracy(out, labels), dtype=torch.float64, device=self.device).reshape(-1, 2)
+            mtp_hits = hits if mtp_hits is None else mtp_hits + hits
+            if out.expert_counts is not None:
+                counts = out.expert_counts if counts is None else counts + out.expert_counts
+        par.all_reduce(sums)
+        self.model.train()
+        nats, tokens, nbytes, mtp_nats, mtp_n = sums.tolist()
+        result: dict[str, Any] = {"step": self.step, "val_loss": nats / tokens,
+                                  "val_bpb": nats / (math.log(2) * nbytes) if nbytes else None}
+        if mtp_n:
+            mtp_hits = par.all_reduce(mtp_hits)
+            result.update(val_mtp_loss=mtp_nats / mtp_n, val_mtp_acc=(mtp_hits[:, 0] / mtp_hits[:, 1]).tolist())
+        if counts is not None:
+            vio = max_violation(par.all_reduce(counts))
+            result.update(val_max_vio=vio.tolist(), val_max_vio_mean=float(vio.mean()))
+        return result
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        rank_state = {"rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
+                      "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        state = {"loader": self.loader.state_dict(), "bad_steps": self.bad_steps, "tokens_seen": self.tokens_seen}
+        summary = {"stage": "pretrain", "step": self.step, "recipe": self.recipe,
+                   "metrics": {"tokens_seen": self.tokens_seen, **self.last_val}}
+        copy = [p for p in sorted(self.tokenizer_dir.iterdir()) if p.is_file()]
+        return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, rank_state, self.par,
+                               keep=self.cfg.keep_checkpoints, json_files={"nanoseek.json": summary},
+                               copy_files=copy)
+
+    def resume(self) -> Path | None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            return None
+        state, mine = load_checkpoint(ckpt, self.model, self.optimizer, self.par)
+        for group in self.optimizer.param_groups:  # the saved flag reflects the saving run's layout
+            group["foreach"] = self.foreach
+        self.step, self.bad_steps, self.tokens_seen = state["step"], state["bad_steps"], state["tokens_seen"]
+        self.loader.load_state_dict(state["loader"])
+        if mine is not None:  # same process count: continue every random stream exactly
+            torch.set_rng_state(mine["rng_torch"])
+            random.setstate(mine["rng_python"])
+            if mine["rng_cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["rng_cuda"], self.device)
+        return ckpt
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> Path:
+        cfg, par = self.cfg, self.par
+        metrics_path = self.out / "metrics.jsonl"
+        existing = latest_checkpoint(self.out) is not None or metrics_path.exists()
+        par.barrier()  # every process has looked before the first one writes
+        if existing and not resume:
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose "
+                                  f"another --out")
+        resumed = self.resume() if resume else None
+        writer = MetricsWriter(metrics_path, resume_step=self.step) if par.is_main else None
+        if par.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.json").write_text(json.dumps(self.recipe, indent=2) + "\n")
+            if resumed:
+                print(f"resumed from {resumed} (step {self.step})", file=sys.stderr)
+            elif resume:
+                print(f"--resume: no checkpoint in {self.out}, starting from scratch", file=sys.stderr)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (par.is_main and self.progress),
+                   desc="pretrain", unit="step", dynamic_ncols=True)
+        last_ckpt = resumed
+        with _stop_on_signals(self):
+            try:
+                while self.step < cfg.max_steps:
+                    record = self.train_step()
+                    if writer:
+                        writer.write(record)
+                    if record.get("event") == "skipped":
+                        if par.is_main:
+                            tqdm.write(f"step {self.step}: {record['reason']}; update skipped "
+                                       f"({self.bad_steps} in a row)", file=sys.stderr)
+                        if self.bad_steps >= cfg.max_bad_steps:
+                            raise RuntimeError(
+                                f"{self.bad_steps} non-finite steps in a row (last at step {self.step}); "
+                                f"stopping. Last good checkpoint: {last_ckpt or 'none'}. Lower pretrain.lr or "
+                                f"check the data, then resume with --resume.")
+                    else:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.update(1)
+                    done = self.step == cfg.max_steps
+                    if done or (cfg.val_every and self.step % cfg.val_every == 0):
+                        self.last_val = self.evaluate()
+                        if writer:
+                            writer.write(self.last_val)
+                    periodic = cfg.save_every and self.step % cfg.save_every == 0 and not self.bad_steps
+                    if done or periodic or self._stopping():
+                        last_ckpt = self.save()
+                    if self._stopping() and not done:
+                        raise TrainingInterrupted(self.stop_signal, last_ckpt)
+            finally:
+                bar.close()
+                if writer:
+                    writer.close()
+        if last_ckpt is None:  # resumed at max_steps: nothing left to do
+            last_ckpt = latest_checkpoint(self.out)
+        if par.is_main and cfg.plots:
+            plot_metrics(metrics_path, self.out / "plots")
+        return last_ckpt
+
+    def _stopping(self) -> bool:
+        """Whether any process received SIGTERM/SIGINT (all processes must agree to save together)."""
+        flag = torch.tensor([self.stop_signal or 0], device=self.device)
+        self.par.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            self.stop_signal = int(flag.item())
+        return bool(flag.item())
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGTERM/SIGINT set a flag that the loop checks after each step (the main thread only handles signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        trainer.stop_signal = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# --- entry points -------------------------------------------------------------------------------------------
+def pretrain(recipe: dict[str, Any], out_dir: str | Path, *, max_steps: int | None = None,
+             save_every: int | None = None, resume: bool = False, parallel: str | None = None,
+             expert_parallel: int = 1, progress: bool = True) -> Path:
+    """Pretrain the model a recipe describes into `out_dir`; returns the final checkpoint directory.
+
+    Raises TrainingInterrupted after a SIGTERM/SIGINT (a checkpoint has been saved) and RuntimeError after
+    `max_bad_steps` non-finite steps in a row.
+    """
+    section = dict(recipe.get("pretrain") or {})
+    if max_steps is not None:
+        section["max_steps"] = max_steps
+    if save_every is not None:
+        section["save_every"] = save_every
+    cfg = from_dict(PretrainConfig, section, "pretrain")
+    cfg.validate()
+    recipe = {**recipe, "pretrain": asdict(cfg)}
+    started = not torch.distributed.is_initialized()
+    threads = torch.get_num_threads()
+    par = init_parallel(parallel, expert_parallel, cfg.device)
+    try:
+        return Trainer(recipe, cfg, Path(out_dir), par, progress).run(resume)
+    finally:
+        torch.set_num_threads(threads)
+        if started:
+            shutdown(par)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="built-in recipe name (debug, tiny, ...) or a TOML file")
+    parser.add_argument("--out", required=True, type=Path, help="run directory (metrics, checkpoints, plots)")
+    parser.add_argument("--max-steps", type=int, help="override pretrain.max_steps (the schedule follows)")
+    parser.add_argument("--save-every", type=int, help="override pretrain.save_every")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--parallel", choices=("ddp", "fsdp"), help="data parallelism under torchrun (default ddp)")
+    parser.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                        help="spread routed experts over N processes (N divides the process count)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set pretrain.lr=1e-3 (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.set)
+    try:
+        ckpt = pretrain(recipe, args.out, max_steps=args.max_steps, save_every=args.save_every, resume=args.resume,
+                        parallel=args.parallel, expert_parallel=args.expert_parallel,
+                        progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"final checkpoint: {ckpt}")
+    return 0
+
