@@ -57,11 +57,11 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
-def decode_case(model, hf, prompt: torch.Tensor, new: int, repeats: int) -> dict:
+def decode_case(model, hf, prompt: torch.Tensor, new: int, repeats: int, compile: bool = False) -> dict:
     """Tokens/s of both implementations on the same prompts; decode excludes the first token (prefill)."""
     B, P = prompt.shape
     ids = prompt.tolist()
-    engine = Engine(model, max_batch=B, max_len=P + new + 2)
+    engine = Engine(model, max_batch=B, max_len=P + new + 2, compile=compile)
     ours = {}
 
     def run_ours(n):
@@ -108,9 +108,9 @@ def cache_bytes(model, hf) -> dict:
     return {"nanoseek": ours, "transformers": hf_bytes, "mha_same_heads": mha, "mha_over_nanoseek": mha / ours}
 
 
-def speculative_case(model, tok, new: int, repeats: int, prompts: list[list[int]]) -> dict:
-    plain = Engine(model, tok, max_batch=1)
-    spec = Engine(model, tok, max_batch=1, speculative=True)
+def speculative_case(model, tok, new: int, repeats: int, prompts: list[list[int]], compile: bool = False) -> dict:
+    plain = Engine(model, tok, max_batch=1, compile=compile)
+    spec = Engine(model, tok, max_batch=1, speculative=True, compile=compile)
     params = SamplingParams(max_tokens=new)  # EOS ends both alike: outputs are identical, compare tokens/s
     out = {}
 
@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8, help="requests per serving client")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--compile", action="store_true",
+                    help="nanoseek's engine with its compiled decode step (compile time is paid in the warm-up)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,14 +195,16 @@ def main() -> None:
     model, tok = load(args)
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        hf = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").float().eval()
+        hf = AutoModelForCausalLM.from_pretrained(d).float().eval()  # transformers' defaults (sdpa)
     g = torch.Generator().manual_seed(0)
     V, n = model.config.vocab_size, args.new_tokens
     report: dict = {"config": {"params": model.num_params(), "active": model.num_params(active=True),
-                               "threads": torch.get_num_threads(), "model": args.model or args.preset}}
+                               "threads": torch.get_num_threads(), "model": args.model or args.preset,
+                               "compile": args.compile}}
     cases = {"b1_short": (1, 16), "b1_long": (1, args.long_prompt), "b16": (16, 16)}
     for name, (B, P) in cases.items():
-        report[name] = decode_case(model, hf, torch.randint(10, V, (B, P), generator=g), n, args.repeats)
+        report[name] = decode_case(model, hf, torch.randint(10, V, (B, P), generator=g), n, args.repeats,
+                                   args.compile)
         r = report[name]
         print(f"{name:9s} B{B} P{P}: decode {r['decode_tok_s']['nanoseek']:8.1f} tok/s vs transformers "
               f"{r['decode_tok_s']['transformers']:8.1f} -> {r['decode_speedup']:.2f}x "
@@ -212,7 +216,7 @@ def main() -> None:
 
     chats = [tok.apply_chat_template([{"role": "user", "content": p.question}], add_generation_prompt=True,
                                      thinking=True) for p in make_problems("arithmetic", 4, seed=1, split="eval")]
-    report["speculative"] = sp = speculative_case(model, tok, n, args.repeats, chats)
+    report["speculative"] = sp = speculative_case(model, tok, n, args.repeats, chats, args.compile)
     print(f"speculative: {sp['speedup']:.2f}x ({sp['tok_s']['speculative']:.1f} vs {sp['tok_s']['plain']:.1f} tok/s),"
           f" acceptance {sp['acceptance']:.0%}, identical={sp['identical']}", flush=True)
     report["serving"] = sv = serving_case(model, tok, chats, min(n, 64), args.requests)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.infer.decoder import Decoder
+from nanoseek.infer.decoder import CompiledStep, Decoder
 from nanoseek.infer.sampling import Penalties, RowParams, SamplingParams, row_generator, sample
 from nanoseek.model.mla import LatentCache
 
@@ -184,14 +184,21 @@ class Engine(Backend):
     model: an eval-mode Transformer; tokenizer: optional (needed for text and stop strings);
     max_batch: rows of the cache (concurrent samples); max_len: columns (default: the model's context);
     speculative: draft one token per step with the first MTP module and verify it (`nanoseek.infer.speculative`);
-    fast: decode with `nanoseek.infer.decoder.Decoder` (False: the model's own `forward_cached`, the reference).
+    fast: decode with `nanoseek.infer.decoder.Decoder` (False: the model's own `forward_cached`, the reference);
+    compile: run decode steps as one `torch.compile` graph (`CompiledStep`, needs fast=True): several times
+    faster per token at small batches, after a one-off compilation per batch size (~1 min on 2 CPU cores), so
+    meant for long-lived engines (server, benchmarks, RL rollouts with a fixed batch), not for one short call.
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 speculative: bool = False, fast: bool = True):
+                 speculative: bool = False, fast: bool = True, compile: bool = False):
         cfg = model.config
         self.model, self.tokenizer = model.eval(), tokenizer
         self.decoder = Decoder(model) if fast else None
+        if compile and not fast:
+            raise ValueError("compile=True needs fast=True (the reference path stays eager)")
+        self.compiled = CompiledStep(model) if compile else None
+        self._recording = False  # routing hooks on: the compiled graph would not run them, use the eager path
         self.max_batch = max_batch
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         param = next(model.parameters())
@@ -350,6 +357,8 @@ class Engine(Backend):
     def forward(self, ids: torch.Tensor, n: int, start: int, positions: torch.Tensor) -> torch.Tensor:
         """ids [n, t] of the first n rows at columns start.. (start > 0) -> final hidden state [n, t, D]."""
         mask = self.mask(n, start + ids.shape[1])
+        if self.compiled is not None and not self._recording:
+            return self.compiled(ids, positions, start, mask, self.view(n))
         if self.decoder is not None:
             return self.decoder.forward(ids, self.view(n), start, mask, positions)
         return self.model.forward_cached(ids, self.view(n), start, key_mask=mask, positions=positions, hidden=True)
@@ -364,6 +373,7 @@ class Engine(Backend):
         return None if bool(m.all()) else self.key_mask[:n]
 
     def _routing(self, enabled: bool):
+        self._recording = enabled
         return _RouteRecorder(self.moe_gates if enabled else [])
 
     # --- bookkeeping ----------------------------------------------------------------------------

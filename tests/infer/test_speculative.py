@@ -62,6 +62,17 @@ def test_greedy_speculative_equals_plain_decoding(max_len):
     assert run(True) == run(False)
 
 
+
+@pytest.mark.slow  # torch.compile of the verification and drafting steps
+def test_compiled_greedy_speculative_equals_plain_decoding():
+    model = random_model(11)
+    torch.manual_seed(12)
+    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (3, 8)]
+    params = SamplingParams(max_tokens=14, ignore_eos=True)
+    plain = Engine(model, max_batch=2, max_len=64).generate(prompts, params)
+    spec = Engine(model, max_batch=2, max_len=64, speculative=True, compile=True).generate(prompts, params)
+    assert [c.tokens for c in spec] == [c.tokens for c in plain]
+
 def test_speculative_on_a_trained_model_accepts_drafts(chat_model, tokenizer):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
                                         thinking=True)
