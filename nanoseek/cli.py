@@ -12,10 +12,17 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("nanoseek.pipeline", "the whole pipeline on built-in data: data -> pretrain -> ... -> report"),
+    "run": ("nanoseek.pipeline", "the pipeline on built-in data: curated data -> tokenizer -> pretraining -> sample"),
     "model-info": ("nanoseek.model.info", "parameters, FLOPs and KV-cache bytes of a model preset"),
     "data": ("nanoseek.data.cli", "data tools: synth, curate, tokenizer, tokenize"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a model from a recipe"),
+    "sft": ("nanoseek.posttrain.sft", "supervised fine-tuning on conversations (instruct and <think> reasoning)"),
+    "dpo": ("nanoseek.posttrain.dpo", "direct preference optimisation against a frozen reference"),
+    "reward-model": ("nanoseek.posttrain.reward_model", "train a scalar reward model on preference pairs"),
+    "grpo": ("nanoseek.posttrain.grpo", "GRPO reinforcement learning with rule-based rewards (R1-Zero, R1)"),
+    "rejection": ("nanoseek.posttrain.rejection", "rejection sampling: clean, correct RL samples as SFT data"),
+    "distill": ("nanoseek.posttrain.distill", "distil a teacher's verified reasoning into a smaller student"),
+    "r1": ("nanoseek.posttrain.r1", "DeepSeek-R1's multi-stage recipe from a base model"),
     "generate": ("nanoseek.infer.generate", "complete a prompt with a trained model"),
     "chat": ("nanoseek.infer.chat", "streaming terminal chat with a trained model"),
     "serve": ("nanoseek.infer.serve.app", "OpenAI-compatible server with a web chat page"),

@@ -1,0 +1,513 @@
+"""`nanoseek grpo`: Group Relative Policy Optimization, the RL of DeepSeekMath, R1-Zero and R1.
+
+    nanoseek grpo --recipe r1-zero --init runs/base --out runs/r1-zero
+
+One step:
+  1. generation  P prompts × G samples from the inference engine (temperature 1);
+  2. rewards     every recipe reward on every completion, a weighted sum (optionally gated by format);
+                 dynamic sampling (DAPO) drops groups whose rewards are all equal and samples more prompts;
+  3. advantages  r - mean(group), divided by the group std or not (Dr. GRPO drops the division);
+  4. reference   log-probs under the frozen reference (β > 0) and under the sampling policy (μ > 1);
+  5. update      μ optimizer steps on the clipped surrogate (`losses.grpo_loss`), micro-batched.
+Completions that hit the length limit can be masked out of the loss (DAPO's overlong filtering) and/or
+punished by the `soft_overlong` reward. The reference can be reset to the policy every N steps (R1-Zero
+refreshed it every 400 steps).
+
+Metrics per step (metrics.jsonl): reward mean/std overall and per function, accuracy, format rate, completion
+length mean/max, truncated share, clipped fraction, KL, entropy, frac_reward_zero_std, and the time split
+generation / reference / update; held-out pass@1, pass@k and format every `eval_every` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from nanoseek.config import from_dict, load_recipe
+from nanoseek.data.synth import make_problems
+from nanoseek.model.hf import write_json
+from nanoseek.posttrain.losses import (
+    LOSS_TYPES,
+    REWARD_SCALES,
+    group_advantages,
+    grpo_loss,
+    token_entropy,
+    token_logps,
+)
+from nanoseek.posttrain.rollout import (
+    TEMPLATES,
+    Prompt,
+    Sample,
+    Sampler,
+    builtin_prompts,
+    evaluate,
+    is_correct,
+    problem_prompt,
+    record_prompt,
+)
+from nanoseek.posttrain.sft import pick_device
+from nanoseek.posttrain.stage import (
+    check_fresh_run,
+    load_policy,
+    pad_right,
+    read_jsonl,
+    resume_stage,
+    save_stage,
+)
+from nanoseek.rewards import build_rewards, format_reward, score
+from nanoseek.train.checkpoint import latest_checkpoint
+from nanoseek.train.metrics import MetricsWriter
+from nanoseek.train.optim import build_optimizer, lr_multiplier, set_lr
+
+REFERENCE_FILE = "reference.safetensors"
+
+
+@dataclass
+class GRPOConfig:
+    init: str = ""  # starting checkpoint (base model for R1-Zero, the SFT model for R1)
+    template: str = "r1_zero"  # r1_zero | chat (see rollout.py)
+    # prompts: built-in tasks (weights) at these difficulty levels, or a JSONL file (question, answer, ...)
+    tasks: dict[str, float] = field(default_factory=lambda: {"arithmetic": 1.0})
+    difficulty: list[int] = field(default_factory=lambda: [1])
+    data: str = ""
+    # curriculum: "fixed" trains on tasks × difficulty as given. "auto" first measures the starting model on
+    # training problems of each task at each level and trains on the (task, level) it sometimes solves with
+    # the most headroom: the largest pass@k - pass@1 among those whose pass@1 lies in curriculum_band. RL
+    # sharpens what a model can already sometimes do, so that is where it has something to sharpen.
+    curriculum: str = "fixed"
+    curriculum_prompts: int = 16
+    curriculum_samples: int = 8
+    curriculum_band: list[float] = field(default_factory=lambda: [0.05, 0.9])
+    # rewards: registry name -> weight; parameters per reward; rewards that must be > 0 to earn anything
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    reward_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gate: list[str] = field(default_factory=list)
+    reward_model: str = ""  # a `nanoseek reward-model` checkpoint, used as the reward named "reward_model"
+    # sampling
+    prompts_per_step: int = 16
+    num_generations: int = 8  # G
+    max_new_tokens: int = 64
+    max_prompt_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    dynamic_sampling: bool = True
+    max_sampling_rounds: int = 3  # generation rounds per step when dynamic sampling refills dropped groups
+    mask_truncated: bool = True  # overlong filtering: truncated completions get no gradient
+    # objective
+    loss_type: str = "dapo"
+    scale_rewards: str = "none"  # group | batch | none
+    beta: float = 0.0  # KL weight; 0 loads no reference model
+    kl_bias_correction: bool = True
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    mu: int = 1  # optimizer steps per generation batch
+    ref_refresh_every: int = 0  # reset the reference to the policy every N steps (0: never)
+    # optimisation
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    micro_batch: int = 32  # sequences per forward/backward
+    max_steps: int = 100
+    time_budget_s: float = 0.0  # stop after this much RL time (generation + update, evaluation excluded)
+    # held-out evaluation
+    eval_every: int = 0  # steps between evaluations (0: only before and after training)
+    eval_problems: int = 100
+    eval_samples: int = 4
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    # bookkeeping
+    seed: int = 0
+    threads: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    device: str = "auto"
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"[grpo] {name}={getattr(self, name)!r}: {why}")
+
+        if self.curriculum not in ("fixed", "auto"):
+            raise bad("curriculum", "expected 'fixed' or 'auto'")
+        if self.curriculum == "auto" and self.data:
+            raise bad("curriculum", "'auto' chooses among built-in tasks; it does not apply to a data file")
+        if self.template not in TEMPLATES:
+            raise bad("template", f"expected one of {TEMPLATES}")
+        if self.loss_type not in LOSS_TYPES:
+            raise bad("loss_type", f"expected one of {LOSS_TYPES}")
+        if self.scale_rewards not in REWARD_SCALES:
+            raise bad("scale_rewards", f"expected one of {REWARD_SCALES}")
+        if self.num_generations < 2:
+            raise bad("num_generations", "group-relative advantages need at least 2 samples per prompt")
+        for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch", "max_sampling_rounds"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if not 0 <= self.eps_low < 1 or self.eps_high < 0:
+            raise bad("eps_low", "need 0 <= eps_low < 1 and eps_high >= 0")
+        if not self.rewards:
+            raise bad("rewards", "at least one reward is needed")
+
+
+@dataclass
+class Batch:
+    """A generation batch ready for the update: N = groups × G sequences, right-padded."""
+
+    ids: torch.Tensor  # [N, L] prompt + completion
+    mask: torch.Tensor  # [N, L-1] 1 where ids[:, 1:] is a completion token that takes gradient
+    advantages: torch.Tensor  # [N]
+    old_logps: torch.Tensor | None = None  # [N, L-1] under the sampling policy (μ > 1)
+    ref_logps: torch.Tensor | None = None  # [N, L-1] under the reference (β > 0)
+
+
+def prompt_stream(cfg: GRPOConfig, tokenizer, recipe_seed: int) -> Iterator[Prompt]:
+    if cfg.data:
+        records = [record_prompt(tokenizer, r, cfg.template, f"{cfg.data}:{i}") for i, r in read_jsonl(cfg.data)]
+        if not records:
+            raise ValueError(f"{cfg.data}: no prompts")
+        rng = random.Random(recipe_seed)
+        while True:
+            rng.shuffle(records)
+            yield from records
+    yield from builtin_prompts(tokenizer, cfg.tasks, cfg.difficulty, cfg.template, recipe_seed)
+
+
+def eval_prompts(cfg: GRPOConfig, tokenizer) -> list[Prompt]:
+    """Held-out problems of the recipe's tasks and levels (the synth eval split), split evenly over tasks."""
+    tasks = [t for t, w in cfg.tasks.items() if w > 0]
+    per_task = max(1, cfg.eval_problems // len(tasks))
+    return [problem_prompt(tokenizer, p, cfg.template) for t in tasks
+            for p in make_problems(t, per_task, seed=cfg.seed, difficulty=cfg.difficulty, split="eval")]
+
+
+CURRICULUM_FILE = "curriculum.json"
+
+
+def measure_candidates(cfg: GRPOConfig, sampler: Sampler, tokenizer) -> list[dict[str, Any]]:
+    """pass@1 and pass@k (k = curriculum_samples, at the training temperature) of the starting model on
+    `curriculum_prompts` training problems of every task at every level."""
+    k = cfg.curriculum_samples
+    table = []
+    for task in (t for t, w in cfg.tasks.items() if w > 0):
+        for level in cfg.difficulty:
+            problems = make_problems(task, cfg.curriculum_prompts, seed=cfg.seed + 1, difficulty=level,
+                                     split="train")
+            groups = sampler.sample([problem_prompt(tokenizer, p, cfg.template) for p in problems], k,
+                                    cfg.temperature, cfg.top_p, seed=cfg.seed + 2)
+            right = [[is_correct(s) for s in g] for g in groups]
+            table.append({"task": task, "level": level, "pass@1": sum(map(sum, right)) / (k * len(right)),
+                          "pass@k": sum(map(any, right)) / len(right), "k": k})
+    return table
+
+
+def pick_candidate(table: list[dict[str, Any]], band: list[float]) -> dict[str, Any]:
+    """The row with the most headroom (pass@k - pass@1) among those whose pass@1 lies in the band (all rows
+    if none does); ties go to the easier level."""
+    lo, hi = band
+    pool = [r for r in table if lo <= r["pass@1"] <= hi] or table
+    return max(pool, key=lambda r: (r["pass@k"] - r["pass@1"], -r["level"]))
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPOConfig, recipe: dict[str, Any], out: Path, init: str, progress: bool = True):
+        self.cfg, self.recipe, self.out, self.progress = cfg, recipe, out, progress
+        self.device = pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.policy = load_policy(init, self.device)
+        self.model, self.tok = self.policy.model, self.policy.tokenizer
+        # β = 0: no reference model at all (memory and a forward pass saved)
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta else None
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        groups = cfg.prompts_per_step * cfg.num_generations
+        self.sampler = Sampler(self.model, self.tok, max(groups, cfg.eval_samples), cfg.max_new_tokens,
+                               cfg.max_prompt_tokens)
+        params = dict(cfg.reward_params)
+        if "soft_overlong" in cfg.rewards:  # its length limit is the generation limit unless set
+            params["soft_overlong"] = {"max_completion_len": cfg.max_new_tokens, **params.get("soft_overlong", {})}
+        extra = {}
+        if cfg.reward_model:  # R1's final stage: a learned "general" reward beside the rules
+            from nanoseek.posttrain.reward_model import reward_function
+
+            extra["reward_model"] = reward_function(cfg.reward_model, self.device)
+        # gate rewards are scored even when they carry no weight of their own
+        self.rewards = build_rewards({**dict.fromkeys(cfg.gate, 0.0), **cfg.rewards}, params, extra)
+        if cfg.curriculum == "auto":
+            self.curriculum = self.auto_curriculum()
+            chosen = {"tasks": {self.curriculum["task"]: 1.0}, "difficulty": [self.curriculum["level"]]}
+            cfg = self.cfg = replace(cfg, **chosen)
+        self.prompts = prompt_stream(cfg, self.tok, cfg.seed)
+        self.prompts_used = 0
+        self.rng = random.Random(cfg.seed)  # sampling seeds: a resumed run continues the same sequence
+        self.held_out = eval_prompts(cfg, self.tok) if cfg.eval_problems and not cfg.data else []
+        self.step = 0
+        self.rl_seconds = 0.0
+
+    def auto_curriculum(self) -> dict[str, Any]:
+        """The (task, level) to train on: measured once and kept in OUT/curriculum.json, so a resumed run
+        trains on the same one."""
+        path = self.out / CURRICULUM_FILE
+        if path.exists():
+            return json.loads(path.read_text())
+        table = measure_candidates(self.cfg, self.sampler, self.tok)
+        best = pick_candidate(table, self.cfg.curriculum_band)
+        choice = {"task": best["task"], "level": best["level"], "band": self.cfg.curriculum_band, "table": table}
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(path, choice)
+        rows = ", ".join(f"{r['task']}/{r['level']} {r['pass@1']:.2f}/{r['pass@k']:.2f}" for r in table)
+        print(f"grpo curriculum: {choice['task']} level {choice['level']} (pass@1/pass@{self.cfg.curriculum_samples}"
+              f": {rows})", file=sys.stderr)
+        return choice
+
+    # --- 1-2. generation, rewards, dynamic sampling ----------------------------------------------------------
+    def rollout(self) -> tuple[list[list[Sample]], list[list[float]], dict[str, Any]]:
+        """P groups of G scored samples; with dynamic sampling, groups of equal rewards are replaced by fresh
+        prompts for up to max_sampling_rounds generation rounds (if still short, the step uses fewer groups)."""
+        cfg = self.cfg
+        kept: list[tuple[list[Sample], list[float]]] = []
+        per_fn_all: dict[str, list[float]] = {r.name: [] for r in self.rewards}
+        totals_all: list[float] = []
+        formats: list[float] = []
+        first_zero_std = None
+        rounds = 0
+        while len(kept) < cfg.prompts_per_step and rounds < cfg.max_sampling_rounds:
+            rounds += 1
+            need = cfg.prompts_per_step - len(kept)
+            prompts = [next(self.prompts) for _ in range(need)]
+            self.prompts_used += need
+            groups = self.sampler.sample(prompts, cfg.num_generations, cfg.temperature, cfg.top_p,
+                                         seed=self.rng.getrandbits(31))
+            flat = [s for g in groups for s in g]
+            columns = {k: [s.prompt.columns.get(k) for s in flat] for k in flat[0].prompt.columns}
+            columns["completion_ids"] = [s.ids for s in flat]
+            totals, per_fn = score(self.rewards, [s.text for s in flat], columns, cfg.gate)
+            totals_all += totals
+            formats += per_fn["format"] if "format" in per_fn else format_reward([s.text for s in flat])
+            for name, values in per_fn.items():
+                per_fn_all[name] += values
+            G = cfg.num_generations
+            zero_std = 0
+            for j, group in enumerate(groups):
+                r = totals[j * G:(j + 1) * G]
+                equal = max(r) - min(r) < 1e-9
+                zero_std += equal
+                if not (cfg.dynamic_sampling and equal):
+                    kept.append((group, r))
+            if first_zero_std is None:
+                first_zero_std = zero_std / len(groups)
+            if not cfg.dynamic_sampling:
+                break
+        samples = [s for g, _ in kept for s in g]
+        n = max(1, len(totals_all))
+        stats: dict[str, Any] = {
+            "reward": sum(totals_all) / n,
+            "reward_std": float(torch.tensor(totals_all).std()) if len(totals_all) > 1 else 0.0,
+            "format": sum(formats) / n,
+            "frac_reward_zero_std": first_zero_std,
+            "sampling_rounds": rounds,
+            "groups": len(kept),
+            "completion_length": sum(len(s.ids) for s in samples) / max(1, len(samples)),
+            "completion_length_max": max((len(s.ids) for s in samples), default=0),
+            "truncated": sum(s.truncated for s in samples) / max(1, len(samples)),
+        }
+        for name, values in per_fn_all.items():
+            t = torch.tensor(values)
+            stats[f"rewards/{name}"] = float(t.mean())
+            stats[f"rewards/{name}_std"] = float(t.std()) if len(values) > 1 else 0.0
+        accuracy = next((k for k in ("accuracy", "countdown") if k in per_fn_all), None)
+        if accuracy:
+            stats["accuracy"] = sum(v >= 1.0 for v in per_fn_all[accuracy]) / n
+        return [g for g, _ in kept], [r for _, r in kept], stats
+
+    def make_batch(self, groups: list[list[Sample]], rewards: list[list[float]]) -> Batch:
+        cfg = self.cfg
+        flat = [s for g in groups for s in g]
+        advantages, _ = group_advantages(torch.tensor([x for r in rewards for x in r]), cfg.num_generations,
+                                         cfg.scale_rewards)
+        ids = pad_right([s.prompt.ids + s.ids for s in flat], self.tok.pad_id)
+        mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+        for i, s in enumerate(flat):
+            if cfg.mask_truncated and s.truncated:
+                continue
+            p = len(s.prompt.ids)
+            mask[i, p - 1:p - 1 + len(s.ids)] = 1.0  # position t predicts token t+1
+        return Batch(ids.to(self.device), mask.to(self.device), advantages.to(self.device))
+
+    # --- 4. reference and old log-probs ----------------------------------------------------------------------
+    @torch.no_grad()
+    def logps(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(ids), self.cfg.micro_batch):
+            chunk = ids[i:i + self.cfg.micro_batch]
+            out.append(token_logps(model(chunk[:, :-1]), chunk[:, 1:], mask[i:i + self.cfg.micro_batch]))
+        return torch.cat(out)
+
+    # --- 5. update -------------------------------------------------------------------------------------------
+    def update(self, batch: Batch, lr: float) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        set_lr(self.optimizer, lr)
+        N = len(batch.ids)
+        chunks = [slice(i, i + cfg.micro_batch) for i in range(0, N, cfg.micro_batch)]
+        tokens = batch.mask.sum()
+        sums = {"loss": 0.0, "clip_frac": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0}
+        grad_norm = 0.0
+        for _ in range(cfg.mu):
+            for c in chunks:
+                ids, mask = batch.ids[c], batch.mask[c]
+                logits = self.model(ids[:, :-1])
+                logps = token_logps(logits, ids[:, 1:], mask)
+                old = None if batch.old_logps is None else batch.old_logps[c]
+                ref = None if batch.ref_logps is None else batch.ref_logps[c]
+                loss, stats = grpo_loss(logps, old, batch.advantages[c], mask, loss_type=cfg.loss_type,
+                                        eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logps=ref,
+                                        max_completion_length=cfg.max_new_tokens, num_items_in_batch=tokens,
+                                        num_micro_batches=len(chunks), kl_bias_correction=cfg.kl_bias_correction)
+                loss.backward()
+                share = float(mask.sum() / tokens.clamp(min=1)) / cfg.mu  # token-weighted means over the step
+                sums["loss"] += loss.item() / cfg.mu
+                for k in ("clip_frac", "clip_low", "clip_high", "kl"):
+                    if k in stats:
+                        sums[k] += float(stats[k]) * share
+                if mask.any():  # only completion positions: the [N, T, V] softmax would cost a forward pass
+                    sums["entropy"] += float(token_entropy(logits[mask.bool()].detach()).mean()) * share
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if cfg.beta == 0:
+            del sums["kl"]
+        return {**sums, "grad_norm": grad_norm}
+
+    # --- evaluation, checkpoints, the loop -------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.cfg
+        result = evaluate(self.sampler, self.held_out, cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p,
+                          seed=cfg.seed + 10_000)
+        return {f"eval/{k}": v for k, v in result.items()}
+
+    def save(self, last: dict[str, Any]) -> Path:
+        extra = []
+        if self.ref is not None:  # the reference may have been refreshed: keep it so a resume continues exactly
+            path = self.out / REFERENCE_FILE
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({k: v.contiguous() for k, v in self.ref.state_dict().items()}, str(tmp))
+            tmp.replace(path)
+            extra.append(path)
+        if (self.out / CURRICULUM_FILE).exists():  # the checkpoint says which task and level it was trained on
+            extra.append(self.out / CURRICULUM_FILE)
+        state = {"rl_seconds": self.rl_seconds, "prompts_used": self.prompts_used, "rng": self.rng.getstate()}
+        return save_stage(self.out, self.step, self.model, self.optimizer, "grpo", self.recipe,
+                          self.policy.checkpoint, state, self.cfg.keep_checkpoints, last, extra)
+
+    def resume(self) -> bool:
+        state = resume_stage(self.out, self.model, self.optimizer)
+        if state is None:
+            return False
+        self.step, self.rl_seconds = state["step"], state["rl_seconds"]
+        if self.ref is not None:
+            self.ref.load_state_dict(load_file(str(latest_checkpoint(self.out) / REFERENCE_FILE)))
+        for _ in range(state["prompts_used"]):  # continue the prompt stream where it stopped
+            next(self.prompts)
+        self.prompts_used = state["prompts_used"]
+        self.rng.setstate(state["rng"])
+        return True
+
+    def train(self, resume: bool = False) -> Path:
+        cfg = self.cfg
+        resumed = self.resume() if resume else False
+        self.out.mkdir(parents=True, exist_ok=True)
+        writer = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step)
+        if self.held_out and not resumed:
+            writer.write({"step": 0, **self.evaluate()})
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="grpo", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        ckpt = None
+        try:
+            while self.step < cfg.max_steps:
+                if cfg.ref_refresh_every and self.ref is not None and self.step % cfg.ref_refresh_every == 0 \
+                        and self.step > 0:
+                    self.ref.load_state_dict(self.model.state_dict())
+                t0 = time.perf_counter()
+                groups, rewards, stats = self.rollout()
+                t1 = time.perf_counter()
+                lr = cfg.lr * lr_multiplier(self.step, cfg.max_steps, cfg.warmup_steps, "cosine", 1.0, 1.0)
+                update: dict[str, float] = {}
+                t2 = t3 = t1
+                if groups:
+                    batch = self.make_batch(groups, rewards)
+                    if cfg.mu > 1:
+                        batch.old_logps = self.logps(self.model.eval(), batch.ids, batch.mask)
+                    if self.ref is not None:
+                        batch.ref_logps = self.logps(self.ref, batch.ids, batch.mask)
+                    t2 = time.perf_counter()
+                    update = self.update(batch, lr)
+                    t3 = time.perf_counter()
+                self.step += 1
+                self.rl_seconds += t3 - t0
+                last = {"step": self.step, **stats, **update, "lr": lr, "time/generation": t1 - t0,
+                        "time/reference": t2 - t1, "time/update": t3 - t2, "time/rl_total": self.rl_seconds}
+                out_of_time = 0 < cfg.time_budget_s <= self.rl_seconds
+                done = self.step == cfg.max_steps or out_of_time
+                if self.held_out and (done or (cfg.eval_every and self.step % cfg.eval_every == 0)):
+                    last.update(self.evaluate())
+                writer.write(last)
+                bar.set_postfix(reward=f"{stats['reward']:.3f}", acc=f"{stats.get('accuracy', 0):.2f}")
+                bar.update(1)
+                if done or (cfg.save_every and self.step % cfg.save_every == 0):
+                    ckpt = self.save(last)
+                if done:
+                    if out_of_time:
+                        print(f"grpo: time budget of {cfg.time_budget_s:.0f}s of RL reached at step {self.step}",
+                              file=sys.stderr)
+                    break
+        finally:
+            bar.close()
+            writer.close()
+        return ckpt or latest_checkpoint(self.out)
+
+
+def grpo(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = None, resume: bool = False,
+         progress: bool = True, section: str = "grpo") -> Path:
+    """Run GRPO from `init` (default: recipe [grpo].init); returns the final checkpoint directory.
+    `section` names the recipe table (R1 has two RL stages)."""
+    cfg = from_dict(GRPOConfig, recipe.get(section), section)
+    cfg.validate()
+    init = str(init or cfg.init)
+    if not init:
+        raise ValueError(f"[{section}] init: no starting checkpoint (set it or pass --init)")
+    out = Path(out_dir)
+    check_fresh_run(out, resume)
+    recipe = {**recipe, section: asdict(cfg) | {"init": init}}
+    return GRPOTrainer(cfg, recipe, out, init, progress).train(resume)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="built-in recipe name or TOML file ([grpo] table)")
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    parser.add_argument("--init", help="starting checkpoint or run directory (overrides [grpo].init)")
+    parser.add_argument("--section", default="grpo", help="recipe table to read (default grpo)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.set)
+    ckpt = grpo(recipe, args.out, args.init, args.resume, not args.no_progress, args.section)
+    print(f"final checkpoint: {ckpt}")
+    return 0

@@ -1,0 +1,205 @@
+"""`nanoseek rejection`: rejection sampling, stage 3 of DeepSeek-R1: turn an RL checkpoint into clean SFT data.
+
+    nanoseek rejection --recipe r1 --init runs/r1-rl --out runs/rejection
+
+k samples per training prompt; a sample is kept only if it is correct AND readable: well formatted, not
+truncated or overlong, written in the target language, without repeated n-grams, code blocks or run-on
+paragraphs (R1 dropped "mixed languages, long paragraphs, and code blocks"). At most `keep_per_prompt`
+distinct kept answers per prompt. Instruct (non-reasoning) conversations are then mixed in so the next SFT
+keeps its direct-answer skills (R1: ~600k reasoning + ~200k non-reasoning samples).
+
+Writes OUT/sft.jsonl (records for `nanoseek sft`) and OUT/rejection.json (why every sample was dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from nanoseek.config import from_dict, load_recipe
+from nanoseek.data.synth import make_problems
+from nanoseek.model.hf import write_json
+from nanoseek.posttrain.preferences import write_jsonl
+from nanoseek.posttrain.rollout import Prompt, Sample, Sampler, is_correct, problem_prompt, record_prompt
+from nanoseek.posttrain.sft import pick_device, record_style
+from nanoseek.posttrain.stage import load_policy, read_jsonl
+from nanoseek.rewards import format_reward, language_consistency_reward, repetition_penalty
+
+
+@dataclass
+class FilterConfig:
+    """What a kept sample must satisfy (besides being correct)."""
+
+    max_tokens: int = 0  # overlong above this many completion tokens (0: only truncation counts)
+    language: str = "en"
+    min_language: float = 0.95  # share of the reasoning's words in the target language
+    max_repetition: float = 0.1  # share of repeated word 3-grams allowed
+    max_paragraph_chars: int = 600  # a longer run of text without a line break is a run-on paragraph
+    require_format: bool = True
+
+
+@dataclass
+class RejectionConfig:
+    init: str = ""
+    template: str = "chat"
+    tasks: dict[str, float] = field(default_factory=lambda: {"arithmetic": 1.0})
+    difficulty: list[int] = field(default_factory=lambda: [1, 2])
+    data: str = ""  # JSONL prompts (question, answer, ...) instead of built-in tasks
+    prompts: int = 256
+    samples: int = 4  # k per prompt
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    keep_per_prompt: int = 1
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    instruct_data: str = ""  # conversations to mix in; "" -> instruct records of the built-in sft.jsonl
+    instruct_fraction: float = 0.25  # share of instruct conversations in the output
+    seed: int = 0
+    device: str = "auto"
+
+
+def reject_reason(sample: Sample, f: FilterConfig) -> str | None:
+    """Why a sample is dropped, or None to keep it. Checked in this order, first failure wins."""
+    text = sample.text
+    if sample.truncated or (f.max_tokens and len(sample.ids) > f.max_tokens):
+        return "overlong"
+    if not is_correct(sample):
+        return "incorrect"
+    if f.require_format and format_reward([text])[0] < 1:
+        return "format"
+    if language_consistency_reward([text], language=f.language)[0] < f.min_language:
+        return "mixed_language"
+    if -repetition_penalty([text], ngram_size=3, max_penalty=-1.0)[0] > f.max_repetition:
+        return "repetition"
+    if "```" in text:
+        return "code_block"
+    if any(len(line) > f.max_paragraph_chars for line in text.split("\n")):
+        return "long_paragraph"
+    return None
+
+
+def select(groups: Sequence[Sequence[Sample]], f: FilterConfig, keep_per_prompt: int) -> tuple[list[Sample], Counter]:
+    """Kept samples (distinct texts, at most keep_per_prompt per prompt) and a count per drop reason."""
+    kept: list[Sample] = []
+    counts: Counter = Counter()
+    for group in groups:
+        seen: set[str] = set()
+        for s in group:
+            reason = reject_reason(s, f)
+            if reason is None and (s.text in seen or len(seen) >= keep_per_prompt):
+                reason = "duplicate_or_surplus"
+            counts[reason or "kept"] += 1
+            if reason is None:
+                seen.add(s.text)
+                kept.append(s)
+    return kept, counts
+
+
+def sft_record(sample: Sample) -> dict[str, Any]:
+    columns = sample.prompt.columns
+    return {"messages": [{"role": "user", "content": columns["question"]},
+                         {"role": "assistant", "content": sample.text}],
+            "style": "reasoning", "task": columns.get("task", ""), "answer": columns["answer"], "source": "rejection"}
+
+
+def training_prompts(tokenizer, template: str, tasks: dict[str, float], difficulty: list[int], data: str, n: int,
+                     seed: int) -> list[Prompt]:
+    """n prompts from a JSONL file or from the built-in tasks' training split (shares by task weight)."""
+    if data:
+        prompts = [record_prompt(tokenizer, r, template, f"{data}:{i}") for i, r in read_jsonl(data)]
+        random.Random(seed).shuffle(prompts)
+        return prompts[:n]
+    names = [t for t, w in tasks.items() if w > 0]
+    total = sum(tasks[t] for t in names)
+    out: list[Prompt] = []
+    for t in names:
+        count = max(1, round(n * tasks[t] / total))
+        out += [problem_prompt(tokenizer, p, template)
+                for p in make_problems(t, count, seed=seed + 7, difficulty=difficulty, split="train")]
+    return out
+
+
+def sample_and_select(sampler, prompts: Sequence[Prompt], k: int, temperature: float, top_p: float,
+                      f: FilterConfig, keep_per_prompt: int, seed: int, progress: bool = True
+                      ) -> tuple[list[Sample], Counter]:
+    per_call = max(1, sampler.max_batch // k)
+    kept: list[Sample] = []
+    counts: Counter = Counter()
+    for i in tqdm(range(0, len(prompts), per_call), desc="sampling", unit="batch", disable=not progress,
+                  dynamic_ncols=True):
+        groups = sampler.sample(prompts[i:i + per_call], k, temperature, top_p, seed=seed + i)
+        more, c = select(groups, f, keep_per_prompt)
+        kept += more
+        counts += c
+    return kept, counts
+
+
+def instruct_records(path: str | Path, n: int, seed: int) -> list[dict[str, Any]]:
+    records = [r for _, r in read_jsonl(path) if "messages" in r and record_style(r) == "instruct"]
+    random.Random(seed).shuffle(records)
+    return [{**r, "source": "instruct"} for r in records[:n]]
+
+
+def rejection(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = None,
+              progress: bool = True) -> Path:
+    """Sample from `init`, keep the clean correct samples, mix in instruct data; returns OUT/sft.jsonl."""
+    cfg = from_dict(RejectionConfig, recipe.get("rejection"), "rejection")
+    init = str(init or cfg.init)
+    if not init:
+        raise ValueError("[rejection] init: no checkpoint to sample from (set it or pass --init)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = load_policy(init, pick_device(cfg.device), train=False)
+    prompts = training_prompts(policy.tokenizer, cfg.template, cfg.tasks, cfg.difficulty, cfg.data, cfg.prompts,
+                               cfg.seed)
+    sampler = Sampler(policy.model, policy.tokenizer, max_batch=max(cfg.samples, 128),
+                      max_new_tokens=cfg.max_new_tokens)
+    kept, counts = sample_and_select(sampler, prompts, cfg.samples, cfg.temperature, cfg.top_p, cfg.filters,
+                                     cfg.keep_per_prompt, cfg.seed, progress)
+    records = [sft_record(s) for s in kept]
+    n_instruct = 0
+    if cfg.instruct_fraction > 0 and records:
+        if cfg.instruct_data:
+            source = Path(cfg.instruct_data)
+        else:
+            from nanoseek.posttrain.sft import default_data
+
+            source = default_data(recipe, "sft.jsonl")
+        want = round(len(records) * cfg.instruct_fraction / (1 - cfg.instruct_fraction))
+        extra = instruct_records(source, want, cfg.seed)
+        n_instruct = len(extra)
+        records += extra
+    random.Random(cfg.seed).shuffle(records)
+    path = out / "sft.jsonl"
+    write_jsonl(path, records)
+    report = {"stage": "rejection", "init": init, "prompts": len(prompts), "samples": sum(counts.values()),
+              "reasoning_kept": len(kept), "instruct_added": n_instruct, "counts": dict(counts),
+              "config": asdict(cfg)}
+    write_json(out / "rejection.json", report)
+    print(f"rejection: kept {len(kept)} of {sum(counts.values())} samples from {len(prompts)} prompts, "
+          f"added {n_instruct} instruct conversations; drops: "
+          f"{json.dumps({k: v for k, v in counts.items() if k != 'kept'})}")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="built-in recipe name or TOML file ([rejection] table)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (sft.jsonl, rejection.json)")
+    parser.add_argument("--init", help="checkpoint to sample from (overrides [rejection].init)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.set)
+    path = rejection(recipe, args.out, args.init, not args.no_progress)
+    print(f"SFT data: {path}")
+    return 0

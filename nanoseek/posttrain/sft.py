@@ -1,0 +1,347 @@
+"""`nanoseek sft`: supervised fine-tuning on conversations, the loss on assistant tokens only.
+
+    nanoseek sft --recipe r1 --init runs/base --out runs/sft
+
+Data: JSONL files of OpenAI-style records `{"messages": [{"role", "content"}, ...], "style": ...}`, rendered by
+the tokenizer's chat template (so the ids are those chat and serving will use). Every assistant turn of a
+multi-turn conversation is trained, including its closing EOS; prompts, system text and user turns are not.
+`style` is "reasoning" (the answer starts with `<think>`) or "instruct" (a direct answer); when absent it is
+read off the first assistant turn. Styles are mixed by the recipe's weights (R1 stage 3: reasoning samples
+from rejection sampling plus instruct data).
+
+Conversations are packed whole into rows of seq_len + 1 tokens (a conversation never straddles two rows; one
+longer than a row is skipped and counted). Packed conversations can attend to earlier ones in their row, as
+in pretraining; each starts with BOS, which the model has learned to read as a fresh start.
+
+Malformed records (no messages, an unknown role, empty content, turns out of order) stop the run with the file
+and line, or with `skip_invalid = true` are counted, skipped and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from nanoseek.config import from_dict, load_recipe
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.posttrain.stage import (
+    check_fresh_run,
+    load_policy,
+    pad_right,
+    read_jsonl,
+    resume_stage,
+    save_stage,
+    split_validation,
+)
+from nanoseek.train.checkpoint import latest_checkpoint
+from nanoseek.train.metrics import MetricsWriter
+from nanoseek.train.optim import build_optimizer, lr_multiplier, set_lr
+
+STYLES = ("reasoning", "instruct")
+
+
+@dataclass
+class SFTConfig:
+    init: str = ""  # starting checkpoint or run directory (the pipeline passes the previous stage)
+    data: list[str] = field(default_factory=list)  # JSONL files; empty -> the built-in sft.jsonl
+    mix: dict[str, float] = field(default_factory=lambda: {"reasoning": 0.7, "instruct": 0.3})
+    seq_len: int = 512
+    batch_size: int = 8  # rows per optimizer step
+    epochs: float = 2.0  # R1 fine-tunes for 2 epochs; ignored when max_steps > 0
+    max_steps: int = 0
+    time_budget_s: float = 0.0  # stop (and save) after this many seconds; 0 = no limit
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    final_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    val_fraction: float = 0.05
+    val_every: int = 50
+    skip_invalid: bool = False
+    # logit distillation (used by `nanoseek distill`): loss = (1-α)·CE + α·τ²·KL(teacher_τ || student_τ)
+    kd_alpha: float = 0.0
+    kd_temperature: float = 1.0
+    seed: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    device: str = "auto"
+
+    def validate(self) -> None:
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"[sft] {name}={getattr(self, name)} must be >= 1")
+        unknown = sorted(set(self.mix) - set(STYLES))
+        if unknown or not any(w > 0 for w in self.mix.values()) or any(w < 0 for w in self.mix.values()):
+            raise ValueError(f"[sft] mix={self.mix}: weights >= 0 over {STYLES}, at least one positive")
+
+
+# --- records ------------------------------------------------------------------------------------------------
+
+def validate_messages(messages: Any, where: str) -> None:
+    """An optional system turn, then user and assistant turns alternating, ending with the assistant."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"{where}: message {i} must be an object with 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"{where}: message {i} has unknown role {m['role']!r} (system, user, assistant)")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise ValueError(f"{where}: message {i} ({m['role']}) has empty or missing content")
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            offset = len(messages) - len(turns)
+            raise ValueError(f"{where}: message {i + offset} is {m['role']!r}, expected {want!r} "
+                             f"(turns alternate user/assistant after an optional first system message)")
+    if not turns or turns[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the conversation must end with an assistant message")
+
+
+def record_style(record: dict[str, Any]) -> str:
+    style = record.get("style")
+    if style is None:
+        first = next(m["content"] for m in record["messages"] if m["role"] == "assistant")
+        return "reasoning" if first.startswith("<think>") else "instruct"
+    return style
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[int]  # 1 on assistant tokens (the trained positions)
+    style: str
+
+
+def load_examples(paths: Sequence[str | Path], tokenizer: Tokenizer, max_tokens: int, skip_invalid: bool
+                  ) -> tuple[list[Example], dict[str, int]]:
+    """Tokenised conversations from JSONL files, and counts of what was skipped and why."""
+    examples: list[Example] = []
+    skipped = {"invalid": 0, "too_long": 0}
+    for path in paths:
+        for line, record in read_jsonl(path):
+            where = f"{path}:{line}"
+            try:
+                validate_messages(record.get("messages"), where)
+                style = record_style(record)
+                if style not in STYLES:
+                    raise ValueError(f"{where}: style {style!r} is not one of {STYLES}")
+            except ValueError:
+                if not skip_invalid:
+                    raise
+                skipped["invalid"] += 1
+                continue
+            ids, mask = tokenizer.encode_chat(record["messages"])
+            if len(ids) > max_tokens:
+                skipped["too_long"] += 1
+                continue
+            examples.append(Example(ids, mask, style))
+    return examples, skipped
+
+
+def mixed_order(examples: list[Example], mix: dict[str, float], n: int, rng: random.Random) -> list[Example]:
+    """n examples drawn style by style with probability ∝ mix weight, each style cycling through its own
+    shuffled pool (so a small style is repeated rather than starved)."""
+    pools = {s: [e for e in examples if e.style == s] for s in STYLES}
+    styles = [s for s in STYLES if pools[s] and mix.get(s, 0) > 0]
+    if not styles:
+        raise ValueError(f"no training examples of the styles the mix asks for ({mix})")
+    for s in styles:
+        rng.shuffle(pools[s])
+    cursor = dict.fromkeys(styles, 0)
+    out = []
+    for s in rng.choices(styles, weights=[mix[s] for s in styles], k=n):
+        out.append(pools[s][cursor[s] % len(pools[s])])
+        cursor[s] += 1
+    return out
+
+
+def pack(examples: Sequence[Example], row_len: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy packing of whole examples into rows of row_len tokens -> (ids [R, row_len], labels [R, row_len-1])
+    where labels hold the next token on assistant positions and -100 elsewhere (prompts, padding)."""
+    rows_ids: list[list[int]] = []
+    rows_mask: list[list[int]] = []
+    ids: list[int] = []
+    mask: list[int] = []
+    for e in examples:
+        if len(ids) + len(e.ids) > row_len:
+            rows_ids.append(ids)
+            rows_mask.append(mask)
+            ids, mask = [], []
+        ids = ids + e.ids
+        mask = mask + e.mask
+    if ids:
+        rows_ids.append(ids)
+        rows_mask.append(mask)
+    tokens = pad_right(rows_ids, pad)
+    keep = pad_right(rows_mask, 0).bool()
+    tokens = F.pad(tokens, (0, row_len - tokens.shape[1]), value=pad)
+    keep = F.pad(keep, (0, row_len - keep.shape[1]), value=False)
+    labels = tokens[:, 1:].masked_fill(~keep[:, 1:], -100)
+    return tokens, labels
+
+
+def assistant_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
+                   teacher: torch.nn.Module | None = None, kd_alpha: float = 0.0, kd_temperature: float = 1.0
+                   ) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over labelled (assistant) tokens, and their count.
+
+    With a teacher (logit distillation, Hinton et al.): (1-α)·CE + α·τ²·KL(p_teacher,τ || p_student,τ) on the
+    same positions, where p_τ = softmax(logits / τ); τ² keeps the gradient scale independent of τ."""
+    logits = model(tokens[:, :-1])
+    n = int((labels != -100).sum())
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    loss = loss / max(1, n)
+    if teacher is None or kd_alpha == 0:
+        return loss, n
+    with torch.no_grad():
+        target = (teacher(tokens[:, :-1]).float() / kd_temperature).log_softmax(-1)
+    student = (logits.float() / kd_temperature).log_softmax(-1)
+    kl = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)  # [B, T]
+    kd = (kl * (labels != -100)).sum() / max(1, n) * kd_temperature**2
+    return (1 - kd_alpha) * loss + kd_alpha * kd, n
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(tokens), batch):
+        loss, n = assistant_loss(model, tokens[i:i + batch], labels[i:i + batch])
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / max(1, count)
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+def default_data(recipe: dict[str, Any], name: str) -> Path:
+    """The built-in data set's file `name` (sft.jsonl, rl.jsonl), building the data set if needed."""
+    from nanoseek.data.cli import builtin_synth_dir, ensure_builtin_data
+    from nanoseek.train.pretrain import DataConfig, default_data_root
+
+    cfg = from_dict(DataConfig, recipe.get("data"), "data")
+    root = Path(cfg.root).expanduser() if cfg.root else default_data_root()
+    ensure_builtin_data(root, cfg.docs, cfg.vocab_size, cfg.seed)
+    return builtin_synth_dir(root, cfg.docs, cfg.seed) / name
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sft(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = None,
+        data: Sequence[str | Path] | None = None, resume: bool = False, progress: bool = True,
+        section: str = "sft", teacher: torch.nn.Module | None = None) -> Path:
+    """Fine-tune `init` (default: recipe [sft].init) on conversations; returns the final checkpoint directory.
+    `section` names the recipe table, so a recipe can hold several SFT stages (R1: cold start, then SFT on
+    rejection samples); `teacher` (same tokenizer) enables logit distillation with the table's kd_alpha."""
+    cfg = from_dict(SFTConfig, recipe.get(section), section)
+    cfg.validate()
+    init = str(init or cfg.init)
+    if not init:
+        raise ValueError(f"[{section}] init: no starting checkpoint (set it or pass --init)")
+    paths = [Path(p) for p in (data or cfg.data)] or [default_data(recipe, "sft.jsonl")]
+    out = Path(out_dir)
+    check_fresh_run(out, resume)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    policy = load_policy(init, device)
+    model, tok = policy.model, policy.tokenizer
+
+    examples, skipped = load_examples(paths, tok, cfg.seq_len + 1, cfg.skip_invalid)
+    if skipped["invalid"] or skipped["too_long"]:
+        print(f"sft: skipped {skipped['invalid']} invalid and {skipped['too_long']} over-long "
+              f"(> {cfg.seq_len + 1} tokens) conversations", file=sys.stderr)
+    train, val = split_validation(examples, cfg.val_fraction, cfg.seed)
+    if not train:
+        raise ValueError(f"no usable training conversations in {[str(p) for p in paths]}")
+    val_tokens, val_labels = pack(val, cfg.seq_len + 1, tok.pad_id) if val else (None, None)
+
+    def epoch_rows(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        order = mixed_order(train, cfg.mix, len(train), random.Random(cfg.seed * 1000 + epoch))
+        return pack(order, cfg.seq_len + 1, tok.pad_id)
+
+    tokens, labels = epoch_rows(0)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(tokens) / cfg.batch_size))
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    recipe = {**recipe, section: asdict(cfg) | {"init": init, "data": [str(p) for p in paths]}}
+    step, epoch, cursor = 0, 0, 0  # cursor: the next row of this epoch's packed rows
+    if resume and (state := resume_stage(out, model, optimizer)) is not None:
+        step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
+        tokens, labels = epoch_rows(epoch)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = MetricsWriter(out / "metrics.jsonl", resume_step=step)
+    writer.write({"event": "data", "step": step, "train_conversations": len(train), "val_conversations": len(val),
+                  "rows_per_epoch": len(tokens), "skipped": skipped})
+    start = time.perf_counter()
+    last: dict[str, Any] = {}
+    ckpt = None
+    bar = tqdm(total=total, initial=step, desc=section, unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        while step < total:
+            if cursor >= len(tokens):
+                epoch, cursor = epoch + 1, 0
+                tokens, labels = epoch_rows(epoch)
+            rows = slice(cursor, cursor + cfg.batch_size)
+            cursor += cfg.batch_size
+            lr = cfg.lr * lr_multiplier(step, total, cfg.warmup_steps, "cosine", 0.0, cfg.final_lr_ratio)
+            set_lr(optimizer, lr)
+            t0 = time.perf_counter()
+            loss, n = assistant_loss(model, tokens[rows].to(device), labels[rows].to(device), teacher,
+                                     cfg.kd_alpha, cfg.kd_temperature)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+                    "tokens": n, "epoch": epoch, "step_time": time.perf_counter() - t0}
+            done = step == total or 0 < cfg.time_budget_s < time.perf_counter() - start
+            if val_tokens is not None and (done or (cfg.val_every and step % cfg.val_every == 0)):
+                last["val_loss"] = validation_loss(model, val_tokens.to(device), val_labels.to(device),
+                                                   cfg.batch_size)
+            writer.write(last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+            bar.update(1)
+            if done or (cfg.save_every and step % cfg.save_every == 0):
+                ckpt = save_stage(out, step, model, optimizer, section, recipe, policy.checkpoint,
+                                  {"epoch": epoch, "cursor": cursor}, cfg.keep_checkpoints, last)
+            if done:
+                break
+    finally:
+        bar.close()
+        writer.close()
+    return ckpt or latest_checkpoint(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="built-in recipe name or TOML file ([sft] table)")
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    parser.add_argument("--init", help="starting checkpoint or run directory (overrides [sft].init)")
+    parser.add_argument("--data", action="append", help="conversation JSONL file (repeatable; default: built-in)")
+    parser.add_argument("--section", default="sft", help="recipe table to read (default sft)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.set)
+    ckpt = sft(recipe, args.out, args.init, args.data, args.resume, not args.no_progress, args.section)
+    print(f"final checkpoint: {ckpt}")
+    return 0

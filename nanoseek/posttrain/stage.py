@@ -1,0 +1,128 @@
+"""What every post-training stage shares: the starting model and its tokenizer, JSONL records with their line
+numbers, padded batches and sequence log-probabilities, the optimizer schedule, and checkpoints.
+
+A stage writes what pretraining writes (`nanoseek.train.checkpoint`): OUT/checkpoints/step_N/ with config.json,
+model.safetensors, the tokenizer files and nanoseek.json naming the stage, plus OUT/metrics.jsonl. The next
+stage loads OUT like any checkpoint (`nanoseek.load(OUT)`), and `--resume` continues an interrupted stage.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.model.hf import load, resolve_checkpoint
+from nanoseek.model.transformer import Transformer
+from nanoseek.posttrain.losses import token_logps
+from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.parallelize import Parallel
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class Policy:
+    model: Transformer
+    tokenizer: Tokenizer
+    checkpoint: Path  # the directory it came from (tokenizer files are copied from here)
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu", train: bool = True) -> Policy:
+    """A model and its tokenizer from a checkpoint or run directory (the tokenizer files travel with every
+    nanoseek checkpoint). The model is returned in train mode unless train=False.
+
+    The MTP modules are frozen: post-training objectives use the main head only, so they would get no
+    gradient (and no optimizer state to resume); they keep their pretrained weights."""
+    ckpt = resolve_checkpoint(path)
+    if not (ckpt / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{ckpt}: no tokenizer.json beside the weights; copy the tokenizer used to "
+                                f"train it into this directory")
+    model = load(ckpt, device=device)
+    model.mtp.requires_grad_(False)
+    return Policy(model.train(train), Tokenizer.load(ckpt), ckpt)
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line; a line that is not a JSON object is an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
+            yield i, record
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    """Lists of ids -> LongTensor [B, max_len], padded at the end (causal attention never looks right, so
+    right-padding needs no attention mask)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+    return out
+
+
+def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, target_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of ids[:, 1:] under `model`, and the mask shifted to match.
+
+    ids [B, T]; target_mask [B, T] marks the tokens to score (completion tokens). Returns logps [B, T-1]
+    (0 where not scored) and mask [B, T-1] float."""
+    logits = model(ids[:, :-1])
+    mask = target_mask[:, 1:].float()
+    return token_logps(logits, ids[:, 1:]) * mask, mask
+
+
+def split_validation(records: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """A seeded (train, validation) split; at least one validation record when fraction > 0 and there are 2+."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(records) - 1, max(1, round(fraction * len(records))))
+    val = set(order[:n_val])
+    return [r for i, r in enumerate(records) if i not in val], [records[i] for i in sorted(val)]
+
+
+def save_stage(out: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, stage: str,
+               recipe: dict[str, Any], tokenizer_dir: Path, state: dict[str, Any], keep: int = 2,
+               summary: dict[str, Any] | None = None, extra_files: Sequence[Path] = ()) -> Path:
+    """Checkpoint a single-process stage (nanoseek.train.checkpoint's format: resumable, atomic)."""
+    copy = [tokenizer_dir / f for f in TOKENIZER_FILES if (tokenizer_dir / f).exists()] + list(extra_files)
+    meta = {"stage": stage, "step": step, "recipe": recipe, "metrics": summary or {}}
+    rank_state = {"rng_torch": torch.get_rng_state(), "rng_python": random.getstate()}
+    return save_checkpoint(out, step, model, optimizer, state, rank_state, Parallel(), keep=keep,
+                           json_files={"nanoseek.json": meta}, copy_files=copy)
+
+
+def resume_stage(out: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """Restore the latest checkpoint of `out` into model and optimizer; its trainer state, or None if none."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return None
+    state, mine = load_checkpoint(ckpt, model, optimizer, Parallel())
+    if mine is not None:
+        torch.set_rng_state(mine["rng_torch"])
+        random.setstate(mine["rng_python"])
+    return state
+
+
+def check_fresh_run(out: Path, resume: bool) -> None:
+    """Refuse to mix two runs in one directory."""
+    if not resume and (latest_checkpoint(out) is not None or (out / "metrics.jsonl").exists()):
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
