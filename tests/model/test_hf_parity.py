@@ -72,6 +72,16 @@ def test_nanoseek_to_hf_logits(name, tmp_path):
         assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-5
 
 
+def test_sharded_hf_checkpoint_loads(tmp_path):
+    cfg = CONFIGS["no_q_lora"]
+    ref = hf_model(cfg)
+    ref.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ids = torch.randint(0, cfg.vocab_size, (1, 11))
+    with torch.no_grad():
+        assert (nanoseek.load(tmp_path)(ids) - ref(ids).logits).abs().max().item() <= 1e-5
+
+
 def test_greedy_generation_matches_transformers(tmp_path):
     cfg = CONFIGS["groups"]
     ref = hf_model(cfg, seed=3)
