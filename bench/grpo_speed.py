@@ -93,6 +93,9 @@ def run_trl(model_dir: Path, args: argparse.Namespace) -> tuple[list[float], flo
 
 
 def main() -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # transformers skips the MTP layers it does not model: not an error
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a nanoseek checkpoint with tokenizer files (default: a fresh one)")
     ap.add_argument("--preset", default="tiny", help="preset of the fresh model")

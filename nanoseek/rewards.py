@@ -166,7 +166,7 @@ def _as_number(part: str) -> Fraction | None:
     if len(numbers) == 1:
         # one number amid words ("18 dollars", "$18.00 in total"): the words are units or filler
         rest = s.replace(numbers[0], " ", 1)
-        if re.fullmatch(r"[\sA-Za-z$€£¥%.']*", rest):
+        if re.fullmatch(r"[\sA-Za-z$€£¥%.:']*", rest):
             return Fraction(numbers[0])
     if numbers and re.fullmatch(r"[\d\s.+\-*/()x×]+", s):
         try:
@@ -252,11 +252,24 @@ def _lengths(completions: Sequence[Completion], completion_ids: Sequence[Sequenc
     return [len(completion_text(c)) for c in completions]
 
 
-def accuracy_reward(completions: Sequence[Completion], answer: Sequence[str], **_: Any) -> list[float]:
-    """1.0 when the extracted answer equals the gold `answer` (a value or a `#### value` solution), else 0."""
-    golds = _column(answer, len(completions), "answer")
-    return [float(answers_equal(extract_answer(completion_text(c)), g))
-            for c, g in zip(completions, golds, strict=True)]
+def accuracy_reward(completions: Sequence[Completion], answer: Sequence[str],
+                    numbers: Sequence[Sequence[int] | None] | None = None,
+                    target: Sequence[int | None] | None = None, **_: Any) -> list[float]:
+    """1.0 when the extracted answer equals the gold `answer` (a value or a `#### value` solution), else 0.
+
+    A countdown problem (a row with `numbers` and `target`) is right only when its expression uses each given
+    number once and reaches the target: any expression equal to the gold's value would not do."""
+    n = len(completions)
+    golds = _column(answer, n, "answer")
+    nums = _column(numbers, n, "numbers") if numbers is not None else [None] * n
+    targets = _column(target, n, "target") if target is not None else [None] * n
+    out = []
+    for c, gold, available, goal in zip(completions, golds, nums, targets, strict=True):
+        if available is not None and goal is not None:
+            out.append(float(countdown_reward([c], numbers=[available], target=[goal])[0] == 1.0))
+        else:
+            out.append(float(answers_equal(extract_answer(completion_text(c)), gold)))
+    return out
 
 
 _FORMAT = re.compile(r"<think>\n(.*?)\n</think>\n<answer>\n(.*?)\n</answer>", re.DOTALL)
@@ -386,11 +399,15 @@ def grounding_reward(completions: Sequence[Completion], passage: Sequence[str],
                      prompt: Sequence[Any] | None = None, **_: Any) -> list[float]:
     """Minus the share of claims the source does not back: numbers neither in the passage (or prompt) nor
     derivable from it in one arithmetic step or by a correct stated equation, and capitalised names absent
-    from it. 0.0 when every claim is grounded (or nothing is claimed), down to -1.0 when none is."""
+    from it. 0.0 when every claim is grounded (or nothing is claimed, or the row has no passage), down to -1.0
+    when none is."""
     passages = _column(passage, len(completions), "passage")
     prompts = _column(prompt, len(completions), "prompt") if prompt is not None else [""] * len(completions)
     out = []
     for c, src, q in zip(completions, passages, prompts, strict=True):
+        if src is None:  # a task without a source passage (in a mixed batch): nothing to check against
+            out.append(0.0)
+            continue
         text = completion_text(c)
         sources = [str(src), completion_text(q) if isinstance(q, list) else str(q or "")]
         numbers, grounded = _supported_numbers(text, sources)

@@ -94,7 +94,7 @@ def build_pairs(cfg: DPOConfig, policy, out: Path) -> Path:
 def pair_logps(model: torch.nn.Module, pairs: list[Pair], pad: int, device: torch.device) -> torch.Tensor:
     """Sequence log-probabilities [2B] of the replies: chosen rows, then rejected rows."""
     ids, mask = pair_batch(pairs, pad)
-    logps, m = sequence_logps(model, ids.to(device), mask.to(device))
+    logps, _ = sequence_logps(model, ids.to(device), mask.to(device))
     return logps.sum(-1)
 
 

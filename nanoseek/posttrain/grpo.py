@@ -83,9 +83,9 @@ class GRPOConfig:
     difficulty: list[int] = field(default_factory=lambda: [1])
     data: str = ""
     # curriculum: "fixed" trains on tasks × difficulty as given. "auto" first measures the starting model on
-    # training problems of each task at each level and trains on the (task, level) it sometimes solves with
-    # the most headroom: the largest pass@k - pass@1 among those whose pass@1 lies in curriculum_band. RL
-    # sharpens what a model can already sometimes do, so that is where it has something to sharpen.
+    # training problems of each task at each level and trains on the (task, level) with the most prompts it
+    # sometimes solves and sometimes not, among those whose pass@1 lies in curriculum_band (pick_candidate).
+    # RL sharpens what a model can already sometimes do, so that is where it has something to sharpen.
     curriculum: str = "fixed"
     curriculum_prompts: int = 16
     curriculum_samples: int = 8
@@ -209,16 +209,19 @@ def measure_candidates(cfg: GRPOConfig, sampler: Sampler, tokenizer) -> list[dic
                                     cfg.temperature, cfg.top_p, seed=cfg.seed + 2)
             right = [[is_correct(s) for s in g] for g in groups]
             table.append({"task": task, "level": level, "pass@1": sum(map(sum, right)) / (k * len(right)),
-                          "pass@k": sum(map(any, right)) / len(right), "k": k})
+                          "pass@k": sum(map(any, right)) / len(right), "k": k,
+                          "mixed": sum(0 < sum(r) < k for r in right) / len(right)})
     return table
 
 
-def pick_candidate(table: list[dict[str, Any]], band: list[float]) -> dict[str, Any]:
-    """The row with the most headroom (pass@k - pass@1) among those whose pass@1 lies in the band (all rows
-    if none does); ties go to the easier level."""
+def pick_candidate(table: list[dict[str, Any]], band: list[float], tolerance: float = 0.1) -> dict[str, Any]:
+    """Among rows whose pass@1 lies in the band (all rows if none does), the one with the largest share of
+    "mixed" prompts, sometimes solved and sometimes not: the groups whose rewards differ, the only ones
+    GRPO learns from. Shares within `tolerance` of the best (sampling noise) go to the easier level."""
     lo, hi = band
     pool = [r for r in table if lo <= r["pass@1"] <= hi] or table
-    return max(pool, key=lambda r: (r["pass@k"] - r["pass@1"], -r["level"]))
+    best = max(r["mixed"] for r in pool)
+    return min((r for r in pool if r["mixed"] >= best - tolerance), key=lambda r: r["level"])
 
 
 class GRPOTrainer:
@@ -292,7 +295,8 @@ class GRPOTrainer:
             groups = self.sampler.sample(prompts, cfg.num_generations, cfg.temperature, cfg.top_p,
                                          seed=self.rng.getrandbits(31))
             flat = [s for g in groups for s in g]
-            columns = {k: [s.prompt.columns.get(k) for s in flat] for k in flat[0].prompt.columns}
+            names = dict.fromkeys(k for s in flat for k in s.prompt.columns)  # tasks differ in their columns
+            columns = {k: [s.prompt.columns.get(k) for s in flat] for k in names}
             columns["completion_ids"] = [s.ids for s in flat]
             totals, per_fn = score(self.rewards, [s.text for s in flat], columns, cfg.gate)
             totals_all += totals

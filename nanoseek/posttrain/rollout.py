@@ -15,6 +15,7 @@ unambiguous; an EOS the model emits ends the completion here instead (it is kept
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,8 +86,6 @@ def record_prompt(tokenizer: Tokenizer, record: dict[str, Any], template: str, w
 def builtin_prompts(tokenizer: Tokenizer, tasks: dict[str, float], difficulty: Sequence[int], template: str,
                     seed: int) -> Iterator[Prompt]:
     """An endless stream of training-split prompts, tasks drawn by weight (the eval split is never touched)."""
-    import random
-
     rng = random.Random(seed)
     names = [t for t, w in tasks.items() if w > 0]
     streams = {t: iter_problems(t, seed=seed, difficulty=list(difficulty), split="train") for t in names}

@@ -62,15 +62,17 @@ def test_batch_masks_exactly_the_completion_tokens(policy_dir, tmp_path):
     assert batch.advantages.tolist() == [0.5, -0.5]  # scale_rewards="none" by default
 
 
-def test_pick_candidate_prefers_headroom_inside_the_band():
-    table = [{"task": "arithmetic", "level": 1, "pass@1": 0.95, "pass@k": 1.0},  # mastered: nothing to sharpen
-             {"task": "arithmetic", "level": 2, "pass@1": 0.2, "pass@k": 0.6},
-             {"task": "logic", "level": 1, "pass@1": 0.45, "pass@k": 1.0},
-             {"task": "countdown", "level": 1, "pass@1": 0.01, "pass@k": 0.9}]  # below the band
-    assert pick_candidate(table, [0.05, 0.9])["task"] == "logic"
-    assert pick_candidate(table, [0.0, 0.9])["task"] == "countdown"
-    nothing = [{"task": "a", "level": 2, "pass@1": 0.0, "pass@k": 0.0}, {"task": "a", "level": 1, "pass@1": 0.0,
-                                                                         "pass@k": 0.0}]
+def test_pick_candidate_prefers_learnable_prompts_inside_the_band():
+    table = [{"task": "arithmetic", "level": 1, "pass@1": 0.95, "mixed": 0.1},  # mastered: nothing to sharpen
+             {"task": "arithmetic", "level": 2, "pass@1": 0.3, "mixed": 0.5},
+             {"task": "logic", "level": 1, "pass@1": 0.45, "mixed": 0.9},
+             {"task": "logic", "level": 2, "pass@1": 0.40, "mixed": 0.95},  # within noise of level 1
+             {"task": "countdown", "level": 1, "pass@1": 0.02, "mixed": 1.0}]  # below the band
+    assert pick_candidate(table, [0.05, 0.9]) == table[2]
+    assert pick_candidate(table, [0.0, 0.9], tolerance=0.0)["task"] == "countdown"
+    assert pick_candidate(table, [0.05, 0.9], tolerance=0.0) == table[3]
+    nothing = [{"task": "a", "level": 2, "pass@1": 0.0, "mixed": 0.0}, {"task": "a", "level": 1, "pass@1": 0.0,
+                                                                        "mixed": 0.0}]
     assert pick_candidate(nothing, [0.05, 0.9])["level"] == 1  # no signal anywhere: the easiest level
 
 

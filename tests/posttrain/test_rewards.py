@@ -164,6 +164,10 @@ def test_countdown_reward():
         "no answer",
     ]
     assert countdown_reward(completions, numbers=numbers, target=target) == [0.1, 1.0, 1.0, 0.1, 0.0]
+    # accuracy on countdown rows follows the countdown rule: "5 * 5 - 3" equals the gold's 22 but reuses 5
+    gold = ["3 * 5 + 7"] * 5
+    assert accuracy_reward(completions, answer=gold, numbers=numbers, target=target) == [0.0, 1.0, 1.0, 0.0, 0.0]
+    assert accuracy_reward(completions, answer=gold) == [0.0, 1.0, 1.0, 1.0, 0.0]  # without the columns
 
 
 def test_score_isolates_a_raising_reward_and_logs_the_sample(caplog):
