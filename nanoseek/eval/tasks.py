@@ -15,7 +15,6 @@ LaTeX). Multiple choice is scored without generation, by the log-likelihood of e
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,22 +110,13 @@ def _arithmetic_choice(n: int, seed: int, difficulty: int | list[int]) -> EvalTa
 # --- file tasks -------------------------------------------------------------------------------------------
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-empty line; a clear error naming file and line otherwise."""
+    """(line number, record) for each non-empty line of a task file; a clear error naming file and line otherwise."""
+    from nanoseek.posttrain.stage import read_jsonl as read_records
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such task file")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
-            out.append((i, record))
+    out = list(read_records(path))
     if not out:
         raise ValueError(f"{path}: no records")
     return out
