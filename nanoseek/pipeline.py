@@ -1,24 +1,42 @@
 """`nanoseek run`: the whole recipe, stage after stage, into one run directory.
 
-    OUT/data/       synth (built-in corpora) -> curated -> tokenizer -> tokens
-    OUT/pretrain/   the base model (MTP, aux-loss-free balancing)
-    OUT/sample.txt  what the base model says
+    nanoseek run [--recipe tiny] [--out runs/nanoseek] [--set grpo_zero.max_steps=50]
 
-Each stage writes `OUT/<stage>/stage.json` when it finishes (wall time and what it produced); a re-run skips
-finished stages, so an interrupted run resumes where it stopped. Stages only read earlier stages' directories.
+    OUT/data/       synth (built-in corpora, SFT conversations, RL prompts, eval sets) -> curated -> tokenizer
+                    -> tokens
+    OUT/pretrain/   the base model (MTP, aux-loss-free balancing)                           [pretrain]
+    OUT/sft/        cold start: SFT of the base on readable reasoning conversations          [sft_cold]
+    OUT/r1_zero/    R1-Zero: GRPO straight from the base, R1-Zero template                   [grpo_zero]
+    OUT/r1/         R1: GRPO from the cold-start model, chat template                        [grpo_r1]
+    OUT/rejection/  the R1 model's verified, clean answers + instruct conversations          [rejection]
+    OUT/distill/    a fresh smaller student fine-tuned on that data                          [distill] [distill_sft]
+    OUT/eval/       base, sft, r1_zero, r1 and student on the held-out tasks                 [eval]
+    OUT/report.md   the report card (report.json, report_plots/*.png)
+
+Each stage writes `OUT/<stage>/stage.json` when it finishes: its wall time, what it produced (paths relative
+to OUT) and its key metrics. A re-run skips finished stages; a stage whose directory exists without
+stage.json was interrupted and resumes from its last checkpoint. Stages only read earlier stages' output, and
+every data file comes from OUT/data, so a run directory is self-contained. `[run] threads` sets torch's CPU
+threads for every stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nanoseek.config import from_dict, load_recipe
+from nanoseek.eval.evaluate import DEFAULT_TASKS
+from nanoseek.eval.games import GAMES
+from nanoseek.eval.tasks import load_task
 from nanoseek.model.hf import write_json
 
 
@@ -37,6 +55,81 @@ class RunData:
 
 
 @dataclass
+class RunConfig:
+    """[run] of a run recipe: settings of the `nanoseek run` process itself."""
+
+    threads: int = 0  # torch CPU threads for every stage (0: torch's default); small models run best on 1
+
+
+@dataclass
+class EvalConfig:
+    """[eval] of a run recipe: how every model of the run is scored (`nanoseek.eval.evaluate`). The same
+    settings for all models, so the report's rows compare like with like."""
+
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # task specs, games included ("nim")
+    k: int = 8  # samples per problem: pass@1 is their mean, pass@k and maj@k use all k
+    n: int = 50  # problems per built-in task
+    difficulty: list[int] = field(default_factory=lambda: [1])
+    temperature: float = 0.6  # DeepSeek-R1's evaluation protocol
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    games: int = 20  # games per opponent (optimal, random) for game tasks
+    threshold: float = 0.5  # the verification loop abstains below this agreement
+    bpb: bool = True  # bits per byte on held-out worked solutions
+    batch: int = 64
+    seed: int = 0
+
+
+# the models the report compares, the stage that produced each, and the prompt template it was trained with:
+# the base model was pretrained on R1-Zero-template documents; SFT (and so the student) renders the chat
+# template; each RL stage uses its recipe table's `template`
+EVAL_MODELS = {"base": "pretrain", "sft": "sft", "r1_zero": "r1_zero", "r1": "r1", "student": "distill"}
+FINAL_MODEL = "r1"  # what the user is told to chat with: the chat-template reasoning model
+
+
+def check_recipe(recipe: dict[str, Any]) -> None:
+    """Parse every post-training table up front, so a typo fails in the first second, not after pretraining."""
+    from nanoseek.posttrain.distill import DistillConfig
+    from nanoseek.posttrain.grpo import GRPOConfig
+    from nanoseek.posttrain.rejection import RejectionConfig
+    from nanoseek.posttrain.sft import SFTConfig
+
+    from_dict(RunConfig, recipe.get("run"), "run")
+    tables = {"sft_cold": SFTConfig, "grpo_zero": GRPOConfig, "grpo_r1": GRPOConfig, "rejection": RejectionConfig,
+              "distill": DistillConfig, "distill_sft": SFTConfig, "eval": EvalConfig}
+    missing = [name for name in tables if name not in recipe]
+    if missing:
+        raise ValueError(f"recipe {recipe.get('name', '?')!r} has no {missing} table(s); `nanoseek run` needs "
+                         f"{list(tables)} (see recipes/tiny.toml)")
+    for name, cls in tables.items():
+        cfg = from_dict(cls, recipe[name], name)
+        try:
+            if hasattr(cfg, "validate"):
+                cfg.validate()
+        except ValueError as e:  # validate() names its config class's usual table, not this one
+            raise ValueError(f"[{name}] {e}") from e
+    distill = from_dict(DistillConfig, recipe["distill"], "distill")
+    if not distill.student and not distill.student_preset:
+        raise ValueError("[distill] needs `student` (a checkpoint) or `student_preset` (a fresh model)")
+    cfg = from_dict(EvalConfig, recipe["eval"], "eval")
+    if not cfg.tasks:
+        raise ValueError("[eval] tasks: no tasks to evaluate")
+    for spec in cfg.tasks:  # an unknown task or a missing file is named now
+        if spec not in GAMES:
+            load_task(spec, 1, cfg.seed, cfg.difficulty)
+
+
+def model_templates(recipe: dict[str, Any]) -> dict[str, str]:
+    """The template each evaluated model was trained with (passed to `evaluate` explicitly: a GRPO checkpoint
+    records its stage as "grpo" whatever its recipe table, so `template="auto"` cannot find the table)."""
+    from nanoseek.posttrain.grpo import GRPOConfig
+
+    return {"base": "r1_zero", "sft": "chat", "student": "chat",
+            "r1_zero": from_dict(GRPOConfig, recipe["grpo_zero"], "grpo_zero").template,
+            "r1": from_dict(GRPOConfig, recipe["grpo_r1"], "grpo_r1").template}
+
+
+@dataclass
 class Run:
     recipe: dict[str, Any]
     out: Path
@@ -49,23 +142,59 @@ class Run:
         marker = self.stage_dir(name) / "stage.json"
         return json.loads(marker.read_text()) if marker.exists() else None
 
-    def run_stage(self, name: str, fn: Callable[[Run], dict[str, Any]]) -> dict[str, Any]:
+    def checkpoint(self, name: str) -> Path:
+        """The checkpoint a finished stage produced."""
+        return self.out / self.done(name)["checkpoint"]
+
+    def synth(self, name: str) -> Path:
+        """A file of the built-in data set this run's data stage wrote (sft.jsonl, rl.jsonl, eval/...)."""
+        return self.stage_dir("data") / "synth" / name
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.out))
+
+    def run_stage(self, name: str, fn: Callable[[Run, bool], dict[str, Any]]) -> dict[str, Any]:
+        """Run stage `name` unless it finished before. fn(run, resume) gets resume=True when the stage's
+        directory exists without stage.json (an interrupted stage: continue from its last checkpoint)."""
         finished = self.done(name)
         if finished is not None:
             print(f"[{name}] already done ({finished['wall_seconds']:.0f}s) - skipping")
             return finished
-        print(f"[{name}] ...")
+        resume = self.stage_dir(name).exists()
+        print(f"[{name}] {'resuming' if resume else 'starting'}")
         start = time.perf_counter()
-        info = fn(self)
+        info = fn(self, resume)
         info = {"name": name, "wall_seconds": time.perf_counter() - start, **info}
         self.stage_dir(name).mkdir(parents=True, exist_ok=True)
         write_json(self.stage_dir(name) / "stage.json", info)
-        print(f"[{name}] done in {info['wall_seconds']:.0f}s")
+        print(f"[{name}] done in {info['wall_seconds']:.0f}s" + (f": {_brief(info['metrics'])}"
+                                                                 if info.get("metrics") else ""))
         return info
 
 
-def stage_data(run: Run) -> dict[str, Any]:
-    """Built-in corpora -> curation -> tokenizer -> token shards."""
+def _brief(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def _metrics(stage_dir: Path) -> list[dict[str, Any]]:
+    from nanoseek.train.metrics import read_metrics
+
+    path = stage_dir / "metrics.jsonl"
+    return read_metrics(path) if path.exists() else []
+
+
+def _last(records: list[dict[str, Any]], key: str) -> Any:
+    return next((r[key] for r in reversed(records) if key in r), None)
+
+
+def _first(records: list[dict[str, Any]], key: str) -> Any:
+    return next((r[key] for r in records if key in r), None)
+
+
+# --- stages -------------------------------------------------------------------------------------------------
+
+def stage_data(run: Run, resume: bool) -> dict[str, Any]:
+    """Built-in corpora -> curation -> tokenizer -> token shards (deterministic: an interrupted stage redoes it)."""
     from nanoseek.data.cli import corpus_texts
     from nanoseek.data.curate import curate as run_curation
     from nanoseek.data.curate import load_config
@@ -75,6 +204,8 @@ def stage_data(run: Run) -> dict[str, Any]:
 
     cfg = from_dict(RunData, run.recipe.get("data"), "data")
     root = run.stage_dir("data")
+    if resume:
+        shutil.rmtree(root)
     extra = min(2000, max(200, cfg.docs))
     synth = write_synth(root / "synth", docs=cfg.docs, seed=cfg.seed, difficulty=cfg.difficulty, sft=extra, rl=extra)
     curate_cfg = load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.curate).items()])
@@ -84,9 +215,9 @@ def stage_data(run: Run) -> dict[str, Any]:
     val_fraction = min(0.1, max(0.01, 50 / max(1, cfg.docs)))
     index = tokenize_corpus(documents, root / "tokenizer", root / "tokens", val_fraction=val_fraction,
                             progress=run.progress)
-    return {"synth": synth, "curation": manifest["totals"],
-            "vocab_size": tokenizer.vocab_size,
-            "tokens": {split: s["tokens"] for split, s in index["splits"].items()}}
+    tokens = {split: s["tokens"] for split, s in index["splits"].items()}
+    return {"synth": synth, "curation": manifest["totals"], "vocab_size": tokenizer.vocab_size, "tokens": tokens,
+            "metrics": {"vocab_size": tokenizer.vocab_size, **{f"{s}_tokens": n for s, n in tokens.items()}}}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -99,7 +230,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def stage_pretrain(run: Run) -> dict[str, Any]:
+def stage_pretrain(run: Run, resume: bool) -> dict[str, Any]:
     from nanoseek.train.pretrain import pretrain
 
     data = run.stage_dir("data")
@@ -107,43 +238,150 @@ def stage_pretrain(run: Run) -> dict[str, Any]:
                                      "tokens_dir": str(data / "tokens")}}
     recipe["data"].pop("difficulty", None)
     recipe["data"].pop("curate", None)
-    ckpt = pretrain(recipe, run.stage_dir("pretrain"), resume=True, progress=run.progress)
-    return {"checkpoint": str(ckpt.relative_to(run.out)), "dir": "pretrain"}
+    ckpt = pretrain(recipe, run.stage_dir("pretrain"), resume=resume, progress=run.progress)
+    records = _metrics(run.stage_dir("pretrain"))
+    metrics = {"steps": _last(records, "step"), "loss": _last(records, "loss"), "val_loss": _last(records, "val_loss"),
+               "val_bpb": _last(records, "val_bpb")}
+    return {"dir": "pretrain", "checkpoint": run.rel(ckpt), "metrics": {k: v for k, v in metrics.items()
+                                                                        if v is not None}}
 
 
-def stage_sample(run: Run) -> dict[str, Any]:
-    """Greedy answer of the base model to one held-out problem, in the R1-Zero template it was pretrained on."""
-    import nanoseek
-    from nanoseek.data.synth import make_problems, r1_zero_prompt
-    from nanoseek.data.tokenizer import Tokenizer
-
-    ckpt = run.out / run.done("pretrain")["checkpoint"]
-    model, tok = nanoseek.load(ckpt), Tokenizer.load(ckpt)
-    problem = make_problems("arithmetic", 1, seed=1, difficulty=1, split="eval")[0]
-    prompt = r1_zero_prompt(problem.question)
-    import torch
-
-    ids = torch.tensor([tok.encode(prompt, bos=True)])
-    out = model.generate(ids, max_new_tokens=64, eos_token_id=tok.end_answer_id)
-    text = prompt + tok.decode(out[0, ids.shape[1]:].tolist())
-    (run.stage_dir("sample")).mkdir(parents=True, exist_ok=True)
-    (run.stage_dir("sample") / "sample.txt").write_text(text + "\n")
-    print(text)
-    return {"question": problem.question, "answer": problem.answer, "completion": text[len(prompt):]}
+def _sft_metrics(stage_dir: Path) -> dict[str, Any]:
+    records = _metrics(stage_dir)
+    data = _first(records, "train_conversations")
+    metrics = {"conversations": data, "steps": _last(records, "step"), "loss": _last(records, "loss"),
+               "val_loss": _last(records, "val_loss")}
+    return {k: v for k, v in metrics.items() if v is not None}
 
 
-STAGES: list[tuple[str, Callable[[Run], dict[str, Any]]]] = [
+def stage_sft(run: Run, resume: bool) -> dict[str, Any]:
+    """Cold start (R1 §2.3.1): SFT of the base on the built-in readable reasoning conversations."""
+    from nanoseek.posttrain.sft import sft
+
+    out = run.stage_dir("sft")
+    ckpt = sft(run.recipe, out, init=run.checkpoint("pretrain"), data=[run.synth("sft.jsonl")], resume=resume,
+               progress=run.progress, section="sft_cold")
+    return {"dir": "sft", "checkpoint": run.rel(ckpt), "metrics": _sft_metrics(out)}
+
+
+def _grpo_stage(run: Run, name: str, section: str, init: Path, resume: bool) -> dict[str, Any]:
+    from nanoseek.posttrain.grpo import CURRICULUM_FILE, grpo
+
+    out = run.stage_dir(name)
+    ckpt = grpo(run.recipe, out, init=init, resume=resume, progress=run.progress, section=section)
+    records = _metrics(out)
+    metrics = {"steps": _last(records, "step"), "rl_seconds": _last(records, "time/rl_total"),
+               "heldout_pass@1_start": _first(records, "eval/pass@1"),
+               "heldout_pass@1_end": _last(records, "eval/pass@1"), "reward_end": _last(records, "reward")}
+    info: dict[str, Any] = {"dir": name, "checkpoint": run.rel(ckpt),
+                            "metrics": {k: v for k, v in metrics.items() if v is not None}}
+    if (out / CURRICULUM_FILE).exists():  # what the auto curriculum chose to train on
+        chosen = json.loads((out / CURRICULUM_FILE).read_text())
+        info["metrics"]["trained_on"] = f"{chosen['task']} level {chosen['level']}"
+    return info
+
+
+def stage_r1_zero(run: Run, resume: bool) -> dict[str, Any]:
+    """R1-Zero (R1 §2.2): RL straight from the base model, rule rewards only."""
+    return _grpo_stage(run, "r1_zero", "grpo_zero", run.checkpoint("pretrain"), resume)
+
+
+def stage_r1(run: Run, resume: bool) -> dict[str, Any]:
+    """R1's reasoning RL (§2.3.2), from the cold-start model."""
+    return _grpo_stage(run, "r1", "grpo_r1", run.checkpoint("sft"), resume)
+
+
+def stage_rejection(run: Run, resume: bool) -> dict[str, Any]:
+    """Rejection sampling (R1 §2.3.3): the R1 model's correct, clean answers, plus instruct conversations from
+    this run's built-in SFT data (unless the recipe names its own)."""
+    from nanoseek.posttrain.rejection import rejection
+
+    out = run.stage_dir("rejection")
+    table = dict(run.recipe["rejection"])
+    table.setdefault("instruct_data", str(run.synth("sft.jsonl")))
+    path = rejection({**run.recipe, "rejection": table}, out, init=run.checkpoint("r1"), progress=run.progress)
+    summary = json.loads((out / "rejection.json").read_text())
+    if summary["reasoning_kept"] == 0:
+        raise RuntimeError(f"rejection sampling kept none of the R1 model's {summary['samples']} samples "
+                           f"(drops: {summary['counts']}); distillation would have nothing to learn from. Train "
+                           f"the R1 model longer or widen [rejection] (prompts, samples, tasks, filters)")
+    return {"data": run.rel(path), "metrics": {k: summary[k] for k in ("prompts", "samples", "reasoning_kept",
+                                                                       "instruct_added")}}
+
+
+def stage_distill(run: Run, resume: bool) -> dict[str, Any]:
+    """Distillation (R1 §2.4): a smaller student fine-tuned on the R1 model's curated samples."""
+    from nanoseek.posttrain.distill import distill
+
+    out = run.stage_dir("distill")
+    ckpt = distill(run.recipe, out, teacher=run.checkpoint("r1"), data=run.out / run.done("rejection")["data"],
+                   resume=resume, progress=run.progress)
+    return {"dir": "distill/student", "checkpoint": run.rel(ckpt), "metrics": _sft_metrics(out / "student")}
+
+
+def stage_eval(run: Run, resume: bool) -> dict[str, Any]:
+    """Every model on the same held-out tasks, each in the template it was trained with. A model whose
+    OUT/eval/<model>/results.json exists is not evaluated again (an interrupted stage resumes per model)."""
+    from nanoseek.eval.evaluate import evaluate
+    from nanoseek.eval.report import model_summary
+
+    cfg = from_dict(EvalConfig, run.recipe["eval"], "eval")
+    templates = model_templates(run.recipe)
+    results = {}
+    for model, stage in EVAL_MODELS.items():
+        out = run.stage_dir("eval") / model
+        if (out / "results.json").exists():
+            results[model] = json.loads((out / "results.json").read_text())
+            continue
+        print(f"[eval] {model} ({templates[model]} template)")
+        results[model] = evaluate(run.checkpoint(stage), cfg.tasks, cfg.k, cfg.n, template=templates[model],
+                                  temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                  difficulty=cfg.difficulty, seed=cfg.seed, threshold=cfg.threshold,
+                                  games=cfg.games, bpb=cfg.bpb, batch=cfg.batch, out=out, progress=run.progress)
+    pass1 = {m: model_summary(r["tasks"])["pass@1"] for m, r in results.items()}
+    return {"results": {m: f"eval/{m}/results.json" for m in results},
+            "metrics": {f"{m}_pass@1": p for m, p in pass1.items() if p is not None}}
+
+
+def stage_report(run: Run, resume: bool) -> dict[str, Any]:
+    """OUT/report.md and report.json from the stages' records, metrics.jsonl files and evaluation results."""
+    from nanoseek.eval.report import write_report
+
+    keep = ("name", "wall_seconds", "dir", "checkpoint", "metrics")
+    stages = [{k: s[k] for k in keep if k in s} for s in (run.done(name) for name, _ in STAGES if name != "report")]
+    evals = {m: json.loads((run.out / path).read_text()) for m, path in run.done("eval")["results"].items()}
+    report = write_report(run.out, stages, evals, config=run.recipe)
+    lift = {k: v["mean"] for k, v in report["lift"].items()}
+    return {"report": "report.md", "plots": report["plots"], "metrics": {f"lift_{k}": v for k, v in lift.items()}}
+
+
+STAGES: list[tuple[str, Callable[[Run, bool], dict[str, Any]]]] = [
     ("data", stage_data),
     ("pretrain", stage_pretrain),
-    ("sample", stage_sample),
+    ("sft", stage_sft),
+    ("r1_zero", stage_r1_zero),
+    ("r1", stage_r1),
+    ("rejection", stage_rejection),
+    ("distill", stage_distill),
+    ("eval", stage_eval),
+    ("report", stage_report),
 ]
 
 
 def run_pipeline(recipe: dict[str, Any], out: str | Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) every stage into `out`; returns the stages' records (their stage.json contents)."""
+    check_recipe(recipe)
+    cfg = from_dict(RunConfig, recipe.get("run"), "run")
     run = Run(recipe, Path(out), progress)
     run.out.mkdir(parents=True, exist_ok=True)
     write_json(run.out / "recipe.json", recipe)
-    return [run.run_stage(name, fn) for name, fn in STAGES]
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return [run.run_stage(name, fn) for name, fn in STAGES]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +395,10 @@ def main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     stages = run_pipeline(recipe, args.out, progress=not args.no_progress)
     total = sum(s["wall_seconds"] for s in stages)
-    print(f"\nall stages done in {total:.0f}s -> {args.out}")
-    print(f"chat with the model:  nanoseek generate --model {args.out / 'pretrain'} --prompt 'What is 3 + 5?'")
+    print(f"\nall stages done in {total / 60:.1f} min -> {args.out}")
+    report = json.loads((args.out / "report.json").read_text())
+    for name, lift in report["lift"].items():
+        print(f"  {name.replace('_vs_', ' vs ')}: held-out pass@1 {lift['mean'] * 100:+.1f} points")
+    print(f"report card: {args.out / 'report.md'}")
+    print(f"chat with the model:  nanoseek chat --model {args.out / FINAL_MODEL}")
     return 0

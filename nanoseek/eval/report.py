@@ -187,6 +187,8 @@ def _fmt(x: Any, digits: int = 3) -> str:
         return f"{x:.{digits}f}" if math.isfinite(x) else "—"
     if isinstance(x, (list, tuple)):
         return "[" + ", ".join(_fmt(v, digits) for v in x) + "]"
+    if isinstance(x, dict):  # a stage's key metrics: "steps 20, loss 4.887"
+        return ", ".join(f"{k} {_fmt(v, digits)}" for k, v in x.items())
     return str(x)
 
 

@@ -165,30 +165,35 @@ _DERIVED_HF_FIELDS = {
 }
 
 
+# V3's init std (0.006) suits its 7168-wide layers; at widths of 64-1024 it leaves attention logits near zero
+# and the small models fail to learn even to copy a token for hundreds of steps. They use the common 0.02.
+SMALL_INIT_STD = 0.02
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests: well under 1M parameters, every feature on (q low-rank, 2 groups, dense + MoE layers, MTP).
     "debug": dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                   num_hidden_layers=2, num_attention_heads=2, n_routed_experts=8, num_experts_per_tok=2,
                   n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.0,
-                  max_position_embeddings=512),
+                  max_position_embeddings=512, initializer_range=SMALL_INIT_STD),
     # The CPU default (~12M parameters with a 4K vocabulary).
     "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
                  num_hidden_layers=6, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=4,
                  n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=64,
-                 qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=2048),
+                 qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=2048,
+                 initializer_range=SMALL_INIT_STD),
     # A student for distillation and a bigger CPU run.
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
                   num_hidden_layers=8, num_attention_heads=8, n_routed_experts=32, num_experts_per_tok=4,
                   n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=192, kv_lora_rank=128,
                   qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, routed_scaling_factor=2.5,
-                  max_position_embeddings=4096),
+                  max_position_embeddings=4096, initializer_range=SMALL_INIT_STD),
     # A single-GPU model (~0.7B total parameters).
     "base": dict(vocab_size=32768, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512,
                  num_hidden_layers=16, num_attention_heads=16, n_routed_experts=64, num_experts_per_tok=6,
                  n_group=8, topk_group=4, first_k_dense_replace=1, q_lora_rank=384, kv_lora_rank=256,
                  qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, routed_scaling_factor=2.5,
-                 max_position_embeddings=4096),
+                 max_position_embeddings=4096, initializer_range=SMALL_INIT_STD),
     # DeepSeek-V3 as released (configuration only).
     "671B": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
                  num_hidden_layers=61, num_attention_heads=128, n_routed_experts=256, num_experts_per_tok=8,

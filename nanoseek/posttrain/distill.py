@@ -113,8 +113,12 @@ def fresh_student(preset_name: str, tokenizer_dir: Path, out: Path, seed: int) -
 
 
 def distill(recipe: dict[str, Any], out_dir: str | Path, teacher: str | Path | None = None,
-            student: str | Path | None = None, progress: bool = True) -> Path:
-    """Teacher samples -> verified SFT data -> fine-tuned student; returns the student's final checkpoint."""
+            student: str | Path | None = None, progress: bool = True, data: str | Path | None = None,
+            resume: bool = False) -> Path:
+    """Teacher samples -> verified SFT data -> fine-tuned student; returns the student's final checkpoint.
+    `data`: conversations already curated from this teacher (rejection sampling's sft.jsonl, as R1 distilled
+    its 800k curated samples) to train on instead of sampling it again; `resume` continues an interrupted
+    student fine-tune."""
     cfg = from_dict(DistillConfig, recipe.get("distill"), "distill")
     teacher, student = str(teacher or cfg.teacher), str(student or cfg.student)
     if not teacher:
@@ -124,7 +128,8 @@ def distill(recipe: dict[str, Any], out_dir: str | Path, teacher: str | Path | N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    data = out / "data.jsonl"
+    given = Path(data) if data else None
+    data = given or out / "data.jsonl"
     teacher_model = None
     if is_nanoseek_checkpoint(teacher):
         policy = load_policy(teacher, device, train=False)
@@ -145,7 +150,7 @@ def distill(recipe: dict[str, Any], out_dir: str | Path, teacher: str | Path | N
         from nanoseek.data.tokenizer import Tokenizer
 
         prompt_tok = Tokenizer.load(student_dir)
-    if not data.exists():
+    if given is None and not data.exists():
         prompts = training_prompts(prompt_tok, template, cfg.tasks, cfg.difficulty, cfg.data, cfg.prompts, cfg.seed)
         kept, counts = sample_and_select(sampler, prompts, cfg.samples, cfg.temperature, cfg.top_p, cfg.filters,
                                          cfg.keep_per_prompt, cfg.seed, progress)
@@ -169,7 +174,7 @@ def distill(recipe: dict[str, Any], out_dir: str | Path, teacher: str | Path | N
     table.setdefault("kd_temperature", cfg.logit_temperature)
     table.setdefault("mix", {"reasoning": 1.0})
     return sft({**recipe, "distill_sft": table}, out / "student", init=student_dir, data=[data],
-               progress=progress, section="distill_sft", teacher=kd_teacher)
+               resume=resume, progress=progress, section="distill_sft", teacher=kd_teacher)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

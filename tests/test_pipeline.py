@@ -1,0 +1,151 @@
+"""`nanoseek run`: the debug recipe end to end (every stage, the report card), a re-run that skips every finished
+stage, an interrupted run that resumes; and the recipe checks that fail before any training starts."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from nanoseek.cli import main as cli
+from nanoseek.config import RECIPE_DIR, load_recipe
+from nanoseek.eval.report import MODELS
+from nanoseek.pipeline import STAGES, check_recipe, run_pipeline
+
+STAGE_NAMES = [name for name, _ in STAGES]
+TEMPLATES = {"base": "r1_zero", "r1_zero": "r1_zero", "sft": "chat", "r1": "chat", "student": "chat"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The debug pipeline, run once through the command line: (run directory, wall seconds)."""
+    out = tmp_path_factory.mktemp("pipeline") / "debug"
+    start = time.perf_counter()
+    assert cli(["run", "--recipe", "debug", "--out", str(out), "--no-progress"]) == 0
+    return out, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_debug_pipeline_writes_every_stage_and_the_report(run):
+    out, seconds = run
+    assert seconds < 180
+    stages = {name: json.loads((out / name / "stage.json").read_text()) for name in STAGE_NAMES}
+    for name, stage in stages.items():
+        assert stage["name"] == name and stage["wall_seconds"] > 0
+        if "checkpoint" in stage:
+            assert (out / stage["checkpoint"] / "model.safetensors").exists()
+    for name in ("r1_zero", "r1"):
+        assert {"steps", "heldout_pass@1_start", "heldout_pass@1_end"} <= set(stages[name]["metrics"])
+    assert stages["rejection"]["metrics"]["reasoning_kept"] > 0
+
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["eval"]) == list(MODELS)
+    tasks = load_recipe("debug")["eval"]["tasks"]
+    for results in report["eval"].values():
+        assert list(results) == tasks
+        for task in ("arithmetic", "logic"):
+            assert 0.0 <= results[task]["pass@1"] <= 1.0 and "maj@k" in results[task]
+        assert "win_vs_optimal" in results["nim"]
+    assert [s["name"] for s in report["stages"]] == STAGE_NAMES[:-1]  # all but the report itself
+    assert all(s["wall_seconds"] > 0 for s in report["stages"])
+    assert set(report["lift"]) == {"r1_zero_vs_base", "r1_vs_sft"}
+
+    md = (out / "report.md").read_text()
+    assert {"pass_at_1.png", "loss.png", "reward.png", "expert_load_pretrain.png"} <= {
+        Path(p).name for p in report["plots"]}
+    for plot in report["plots"]:
+        assert f"]({plot})" in md
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sft_steps = stages["sft"]["metrics"]["steps"]
+    assert f"| sft | {stages['sft']['wall_seconds']:.1f} | {stages['sft']['checkpoint']} | " \
+           f"conversations {stages['sft']['metrics']['conversations']}, steps {sft_steps}," in md
+
+
+@pytest.mark.slow
+def test_each_model_is_evaluated_in_its_training_template(run):
+    out, _ = run
+    for model, template in TEMPLATES.items():
+        assert json.loads((out / "eval" / model / "results.json").read_text())["template"] == template
+
+
+@pytest.mark.slow
+def test_later_stages_read_only_the_run_directory(run):
+    """The run is self-contained: SFT, rejection and distillation data come from OUT, not ~/.cache."""
+    out, _ = run
+
+    def meta(stage):
+        stage_json = json.loads((out / stage / "stage.json").read_text())
+        return json.loads((out / stage_json["checkpoint"] / "nanoseek.json").read_text())
+
+    assert meta("sft")["recipe"]["sft_cold"]["data"] == [str(out / "data" / "synth" / "sft.jsonl")]
+    assert meta("distill")["recipe"]["distill_sft"]["data"] == [str(out / "rejection" / "sft.jsonl")]
+    rejection = json.loads((out / "rejection" / "rejection.json").read_text())
+    assert rejection["config"]["instruct_data"] == str(out / "data" / "synth" / "sft.jsonl")
+    assert rejection["instruct_added"] > 0
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_finished_stage(run, capsys):
+    out, _ = run
+    before = {name: (out / name / "stage.json").stat().st_mtime_ns for name in STAGE_NAMES}
+    capsys.readouterr()
+    start = time.perf_counter()
+    assert cli(["run", "--recipe", "debug", "--out", str(out), "--no-progress"]) == 0
+    assert time.perf_counter() - start < 20
+    printed = capsys.readouterr().out
+    assert all(f"[{name}] already done" in printed for name in STAGE_NAMES)
+    assert f"nanoseek chat --model {out / 'r1'}" in printed
+    assert before == {name: (out / name / "stage.json").stat().st_mtime_ns for name in STAGE_NAMES}
+
+
+@pytest.mark.slow
+def test_interrupted_stages_resume(run):
+    """A stage directory without stage.json was interrupted: distillation resumes from its checkpoint (a fresh
+    start would refuse the occupied directory), evaluation redoes only the model whose results are missing."""
+    out, _ = run
+    checkpoint = json.loads((out / "distill" / "stage.json").read_text())["checkpoint"]
+    for marker in ("distill/stage.json", "eval/student/results.json", "eval/stage.json", "report/stage.json"):
+        (out / marker).unlink()
+    base_results = (out / "eval" / "base" / "results.json").stat().st_mtime_ns
+    stages = run_pipeline(load_recipe("debug"), out, progress=False)
+    assert [s["name"] for s in stages] == STAGE_NAMES
+    assert stages[STAGE_NAMES.index("distill")]["checkpoint"] == checkpoint
+    assert (out / "eval" / "student" / "results.json").exists()
+    assert (out / "eval" / "base" / "results.json").stat().st_mtime_ns == base_results
+
+
+# --- recipe checks (fast) -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["debug", "tiny"])
+def test_run_recipes_have_every_table(name):
+    check_recipe(load_recipe(name))
+
+
+def test_missing_table_and_bad_fields_fail_before_training():
+    recipe = load_recipe("debug")
+    with pytest.raises(ValueError, match=r"no \['eval'\] table"):
+        check_recipe({k: v for k, v in recipe.items() if k != "eval"})
+    with pytest.raises(ValueError, match="arithmetc"):
+        check_recipe({**recipe, "eval": {**recipe["eval"], "tasks": ["arithmetc"]}})
+    with pytest.raises(ValueError, match=r"\[grpo_r1\] .*template='r1'"):
+        check_recipe({**recipe, "grpo_r1": {**recipe["grpo_r1"], "template": "r1"}})
+    with pytest.raises(ValueError, match=r"\[run\] unknown field"):
+        check_recipe({**recipe, "run": {"thread": 1}})
+    with pytest.raises(ValueError, match="student_preset"):
+        check_recipe({**recipe, "distill": {}})
+
+
+def test_tiny_tables_leak_no_field_into_recipes_built_on_it():
+    """Recipes with `base = "tiny"` merge their tables over tiny's field by field: a field only tiny sets (say
+    max_steps beside a child's epochs) would silently change the child's run."""
+    tiny = load_recipe("tiny")
+    children = [p.stem for p in RECIPE_DIR.glob("*.toml") if tomllib.loads(p.read_text()).get("base") == "tiny"]
+    assert {"r1", "r1-zero", "distill", "dpo"} <= set(children)
+    for child in children:
+        own = tomllib.loads((RECIPE_DIR / f"{child}.toml").read_text())
+        merged = load_recipe(child)
+        for table, fields in own.items():
+            if isinstance(fields, dict) and table in tiny:
+                leaked = set(merged[table]) - set(fields)
+                assert not leaked, f"{child}.toml [{table}] gets {leaked} from tiny.toml"
