@@ -49,10 +49,12 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge two recipe dicts; values in `top` win."""
+    """Merge two recipes table by table: a table of `top` updates the same table of `base` field by field, and a
+    field's value replaces the base's whole, even a dict such as `tasks` or `rewards` (a child recipe that trains
+    on one task must not inherit its parent's others)."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 

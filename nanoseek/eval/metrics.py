@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek.infer.verify import vote
 from nanoseek.rewards import answers_equal, format_reward
 
 
@@ -58,23 +59,12 @@ def same_answer(a: str, b: str) -> bool:
 
 
 def majority_vote(answers: Sequence[str | None], same: Callable[[str, str], bool] = same_answer) -> Vote:
-    """The answer most samples agree on. Answers are grouped by `same` (value equality, not string equality:
-    "0.5" and "1/2" vote together); None (no answer) never wins. Ties go to the answer seen first, as
+    """The answer most samples agree on: the verification loop's vote (`nanoseek.infer.verify.vote`), with
+    answers grouped by `same(group's first answer, answer)` (value equality, not string equality: "0.5" and
+    "1/2" vote together); None (no answer) never wins. Ties go to the answer seen first, as
     `collections.Counter.most_common` does."""
-    groups: list[list[str]] = []
-    for a in answers:
-        if a is None:
-            continue
-        for g in groups:
-            if same(g[0], a):
-                g.append(a)
-                break
-        else:
-            groups.append([a])
-    if not groups:
-        return Vote(None, 0, len(answers))
-    best = max(groups, key=len)  # max keeps the first of equal lengths
-    return Vote(best[0], len(best), len(answers))
+    answer, votes, _ = vote(answers, same=lambda a, first: same(first, a))
+    return Vote(answer, votes, len(answers))
 
 
 def format_rate(completions: Sequence[str]) -> float:

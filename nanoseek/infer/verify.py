@@ -8,7 +8,7 @@ value with `answers_equal` ("0.5" and "1/2" vote together), the same rules RL re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from nanoseek.infer.engine import Backend
@@ -45,15 +45,20 @@ class Verdict:
                 "sure": self.sure, "answers": self.answers}
 
 
-def vote(answers: Sequence[str | None]) -> tuple[str | None, int, int | None]:
-    """(consensus answer, its votes, index of its first chain). Answers are grouped by value; a missing answer
-    never wins; ties go to the answer seen first."""
+def vote(answers: Sequence[str | None], same: Callable[[str, str], bool] = answers_equal
+         ) -> tuple[str | None, int, int | None]:
+    """(consensus answer, its votes, index of its first chain): the one majority vote of the verification loop
+    and of evaluation's maj@k (`nanoseek.eval.metrics.majority_vote`).
+
+    Each answer joins the first group whose first answer it equals, tested as `same(answer, first)` (default:
+    by value, so "0.5" and "1/2" vote together; tasks pass their own equality); a missing answer never wins;
+    ties go to the answer seen first."""
     groups: list[list[int]] = []
     for i, a in enumerate(answers):
         if a is None:
             continue
         for g in groups:
-            if answers_equal(a, answers[g[0]]):
+            if same(a, answers[g[0]]):
                 g.append(i)
                 break
         else:

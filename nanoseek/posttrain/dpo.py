@@ -35,6 +35,7 @@ from nanoseek.posttrain.stage import (
     resume_stage,
     save_stage,
     sequence_logps,
+    skipped_note,
     split_validation,
 )
 from nanoseek.train.checkpoint import latest_checkpoint
@@ -129,11 +130,11 @@ def dpo(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = N
     if not (data or cfg.data) and not path.exists():
         path = build_pairs(cfg, policy, out)
     pairs, skipped = load_pairs(path, tok, cfg.max_tokens, cfg.skip_invalid)
-    if skipped["invalid"] or skipped["too_long"]:
-        print(f"dpo: skipped {skipped['invalid']} invalid and {skipped['too_long']} over-long pairs", file=sys.stderr)
+    if note := skipped_note(skipped, "pairs", cfg.max_tokens):
+        print(f"dpo: {note}", file=sys.stderr)
     train, val = split_validation(pairs, cfg.val_fraction, cfg.seed)
     if not train:
-        raise ValueError(f"{path}: no usable preference pairs")
+        raise ValueError(f"{path}: no usable preference pairs" + (note and f" ({note})"))
     ref_train = reference_logps(model, train, tok.pad_id, device, cfg.batch_size)
     ref_val = reference_logps(model, val, tok.pad_id, device, cfg.batch_size) if val else None
 

@@ -137,9 +137,9 @@ class GRPOConfig:
     keep_checkpoints: int = 2
     device: str = "auto"
 
-    def validate(self) -> None:
+    def validate(self, section: str = "grpo") -> None:
         def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"[grpo] {name}={getattr(self, name)!r}: {why}")
+            return ValueError(f"[{section}] {name}={getattr(self, name)!r}: {why}")
 
         if self.curriculum not in ("fixed", "auto"):
             raise bad("curriculum", "expected 'fixed' or 'auto'")
@@ -225,11 +225,11 @@ def pick_candidate(table: list[dict[str, Any]], band: list[float], tolerance: fl
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: GRPOConfig, recipe: dict[str, Any], out: Path, init: str, progress: bool = True):
+    def __init__(self, cfg: GRPOConfig, recipe: dict[str, Any], out: Path, init: str, progress: bool = True,
+                 section: str = "grpo"):
         self.cfg, self.recipe, self.out, self.progress = cfg, recipe, out, progress
+        self.section = section  # the recipe table: checkpoints record it as their stage, evaluation reads its template
         self.device = pick_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.policy = load_policy(init, self.device)
         self.model, self.tok = self.policy.model, self.policy.tokenizer
@@ -414,7 +414,7 @@ class GRPOTrainer:
         if (self.out / CURRICULUM_FILE).exists():  # the checkpoint says which task and level it was trained on
             extra.append(self.out / CURRICULUM_FILE)
         state = {"rl_seconds": self.rl_seconds, "prompts_used": self.prompts_used, "rng": self.rng.getstate()}
-        return save_stage(self.out, self.step, self.model, self.optimizer, "grpo", self.recipe,
+        return save_stage(self.out, self.step, self.model, self.optimizer, self.section, self.recipe,
                           self.policy.checkpoint, state, self.cfg.keep_checkpoints, last, extra)
 
     def resume(self) -> bool:
@@ -490,14 +490,20 @@ def grpo(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = 
     """Run GRPO from `init` (default: recipe [grpo].init); returns the final checkpoint directory.
     `section` names the recipe table (R1 has two RL stages)."""
     cfg = from_dict(GRPOConfig, recipe.get(section), section)
-    cfg.validate()
+    cfg.validate(section)
     init = str(init or cfg.init)
     if not init:
         raise ValueError(f"[{section}] init: no starting checkpoint (set it or pass --init)")
     out = Path(out_dir)
     check_fresh_run(out, resume)
     recipe = {**recipe, section: asdict(cfg) | {"init": init}}
-    return GRPOTrainer(cfg, recipe, out, init, progress).train(resume)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return GRPOTrainer(cfg, recipe, out, init, progress, section).train(resume)
+    finally:
+        torch.set_num_threads(threads)  # later stages of the same process get the machine back
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

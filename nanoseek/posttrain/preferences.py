@@ -5,6 +5,10 @@ A record is `{"prompt": ..., "chosen": ..., "rejected": ...}` where the prompt i
 a list of chat messages ending with a user turn, and each side is the assistant's reply as a string. Both sides
 are rendered with the chat template, so a pair is two conversations that differ only in the last reply; the
 reply's tokens (with its EOS) are the scored positions.
+
+A record missing a field, with an empty side, a prompt that does not end with a user turn, malformed turns (as
+`sft.validate_messages` defines them) or the same reply on both sides is an error naming the file and line, or
+with skip_invalid a counted skip; a pair longer than the token limit is skipped and counted.
 """
 
 from __future__ import annotations
@@ -32,11 +36,16 @@ class Pair:
 
 
 def _messages(prompt: Any, reply: Any, where: str, side: str) -> list[dict[str, str]]:
+    """The conversation of one side: the prompt's turns, then `reply` as the assistant's."""
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"{where}: 'prompt' must be a string or a non-empty list of messages, got {prompt!r:.80}")
+    if isinstance(prompt[-1], dict) and prompt[-1].get("role") in ("system", "assistant"):
+        raise ValueError(f"{where}: 'prompt' must end with a user message (the reply answers it)")
     if not isinstance(reply, str) or not reply.strip():
         raise ValueError(f"{where}: '{side}' must be a non-empty string (the assistant's reply)")
-    messages = [*prompt, {"role": "assistant", "content": reply}] if isinstance(prompt, list) else prompt
+    messages = [*prompt, {"role": "assistant", "content": reply}]
     validate_messages(messages, where)
     return messages
 
@@ -54,6 +63,8 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, max_tokens: int, skip_inv
                 raise ValueError(f"{where}: missing {missing} (a pair needs prompt, chosen and rejected)")
             chosen = _messages(record["prompt"], record["chosen"], where, "chosen")
             rejected = _messages(record["prompt"], record["rejected"], where, "rejected")
+            if record["chosen"] == record["rejected"]:  # no preference to learn, the loss has no gradient
+                raise ValueError(f"{where}: 'chosen' and 'rejected' are the same reply")
         except ValueError:
             if not skip_invalid:
                 raise

@@ -34,7 +34,14 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.posttrain.losses import bradley_terry_loss
 from nanoseek.posttrain.preferences import Pair, load_pairs, pair_batch
 from nanoseek.posttrain.sft import pick_device
-from nanoseek.posttrain.stage import TOKENIZER_FILES, check_fresh_run, load_policy, pad_right, split_validation
+from nanoseek.posttrain.stage import (
+    TOKENIZER_FILES,
+    check_fresh_run,
+    load_policy,
+    pad_right,
+    skipped_note,
+    split_validation,
+)
 from nanoseek.rewards import completion_text
 from nanoseek.train.metrics import MetricsWriter
 from nanoseek.train.optim import build_optimizer, lr_multiplier, set_lr
@@ -149,12 +156,11 @@ def train_reward_model(recipe: dict[str, Any], out_dir: str | Path, init: str | 
     model = RewardModel(policy.model).to(device).train()
     tok = policy.tokenizer
     pairs, skipped = load_pairs(data, tok, cfg.max_tokens, cfg.skip_invalid)
-    if skipped["invalid"] or skipped["too_long"]:
-        print(f"reward-model: skipped {skipped['invalid']} invalid and {skipped['too_long']} over-long pairs",
-              file=sys.stderr)
+    if note := skipped_note(skipped, "pairs", cfg.max_tokens):
+        print(f"reward-model: {note}", file=sys.stderr)
     train, val = split_validation(pairs, cfg.val_fraction, cfg.seed)
     if not train:
-        raise ValueError(f"{data}: no usable preference pairs")
+        raise ValueError(f"{data}: no usable preference pairs" + (note and f" ({note})"))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))

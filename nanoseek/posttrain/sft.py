@@ -13,8 +13,9 @@ Conversations are packed whole into rows of seq_len + 1 tokens (a conversation n
 longer than a row is skipped and counted). Packed conversations can attend to earlier ones in their row, as
 in pretraining; each starts with BOS, which the model has learned to read as a fresh start.
 
-Malformed records (no messages, an unknown role, empty content, turns out of order) stop the run with the file
-and line, or with `skip_invalid = true` are counted, skipped and reported.
+Malformed records (no messages, an unknown role, empty or non-text content, the template's control tokens in
+the text, turns out of order) stop the run with the file and line, or with `skip_invalid = true` are counted,
+skipped and reported.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from nanoseek.config import from_dict, load_recipe
-from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.data.tokenizer import CONTROL_TOKENS, Tokenizer
 from nanoseek.posttrain.stage import (
     check_fresh_run,
     load_policy,
@@ -42,6 +43,7 @@ from nanoseek.posttrain.stage import (
     read_jsonl,
     resume_stage,
     save_stage,
+    skipped_note,
     split_validation,
 )
 from nanoseek.train.checkpoint import latest_checkpoint
@@ -89,7 +91,11 @@ class SFTConfig:
 # --- records ------------------------------------------------------------------------------------------------
 
 def validate_messages(messages: Any, where: str) -> None:
-    """An optional system turn, then user and assistant turns alternating, ending with the assistant."""
+    """An optional system turn, then user and assistant turns alternating, ending with the assistant.
+
+    Content is non-empty text without the template's control tokens (`<|bos|>`, `<|eos|>`, `<|user|>`, ...):
+    the chat template would encode them as real control ids, so a reply quoting `<|user|>` would fake a turn
+    boundary and the model would be trained to emit one."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list")
     for i, m in enumerate(messages):
@@ -97,13 +103,23 @@ def validate_messages(messages: Any, where: str) -> None:
             raise ValueError(f"{where}: message {i} must be an object with 'role' and 'content', got {m!r:.80}")
         if m["role"] not in ("system", "user", "assistant"):
             raise ValueError(f"{where}: message {i} has unknown role {m['role']!r} (system, user, assistant)")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"{where}: message {i} ({m['role']}) content must be a string, got "
+                             f"{type(content).__name__}")
+        if not content or not content.strip():
             raise ValueError(f"{where}: message {i} ({m['role']}) has empty or missing content")
+        control = next((t for t in CONTROL_TOKENS if t in content), None)
+        if control:
+            raise ValueError(f"{where}: message {i} ({m['role']}) contains the control token {control!r}, which "
+                             f"the chat template would read as a turn boundary")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
+    offset = len(messages) - len(turns)
     for i, m in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] == "system":
+            raise ValueError(f"{where}: message {i + offset} is 'system'; a system message may only come first")
         if m["role"] != want:
-            offset = len(messages) - len(turns)
             raise ValueError(f"{where}: message {i + offset} is {m['role']!r}, expected {want!r} "
                              f"(turns alternate user/assistant after an optional first system message)")
     if not turns or turns[-1]["role"] != "assistant":
@@ -264,12 +280,11 @@ def sft(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = N
     model, tok = policy.model, policy.tokenizer
 
     examples, skipped = load_examples(paths, tok, cfg.seq_len + 1, cfg.skip_invalid)
-    if skipped["invalid"] or skipped["too_long"]:
-        print(f"sft: skipped {skipped['invalid']} invalid and {skipped['too_long']} over-long "
-              f"(> {cfg.seq_len + 1} tokens) conversations", file=sys.stderr)
+    if note := skipped_note(skipped, "conversations", cfg.seq_len + 1):
+        print(f"{section}: {note}", file=sys.stderr)
     train, val = split_validation(examples, cfg.val_fraction, cfg.seed)
     if not train:
-        raise ValueError(f"no usable training conversations in {[str(p) for p in paths]}")
+        raise ValueError(f"no usable training conversations in {[str(p) for p in paths]}" + (note and f" ({note})"))
     val_tokens, val_labels = pack(val, cfg.seq_len + 1, tok.pad_id) if val else (None, None)
 
     def epoch_rows(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:

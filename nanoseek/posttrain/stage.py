@@ -50,12 +50,18 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", train: boo
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line; a line that is not a JSON object is an error naming it."""
+    """(line number, record) for each non-blank line; a line that is not UTF-8 or not a JSON object is an error
+    naming it. Lines are decoded one by one (a text-mode file would fail on a bad byte without saying which
+    line); a UTF-8 byte-order mark, as some editors write, is allowed at the start of the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from e
             if not line.strip():
                 continue
             try:
@@ -65,6 +71,16 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
             yield i, record
+
+
+def skipped_note(skipped: dict[str, int], unit: str, max_tokens: int) -> str:
+    """'skipped 2 invalid and 1 over-long (> 512 tokens) pairs' for the counts a loader returns ({"invalid",
+    "too_long"}), or '' when nothing was skipped: what a stage prints, and adds to its error when nothing is
+    left to train on."""
+    if not any(skipped.values()):
+        return ""
+    return (f"skipped {skipped['invalid']} invalid and {skipped['too_long']} over-long (> {max_tokens} tokens) "
+            f"{unit}")
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:

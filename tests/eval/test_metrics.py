@@ -17,6 +17,7 @@ from nanoseek.eval.metrics import (
     pass_at_k,
     same_answer,
 )
+from nanoseek.infer.verify import vote as verify_vote
 from nanoseek.model.hf import load
 
 
@@ -71,6 +72,14 @@ def test_majority_vote_ties_go_to_the_first_answer_and_none_never_wins():
 def test_majority_vote_with_custom_equality():
     vote = majority_vote(["Paris", "paris ", "Rome"], same=lambda a, b: a.strip().lower() == b.strip().lower())
     assert vote.answer == "Paris" and vote.votes == 2
+
+
+def test_majority_vote_is_the_verification_loop_vote():
+    answers = ["1/2", None, "0.5", "3", "0.50", "3", "three"]
+    assert (majority_vote(answers).answer, majority_vote(answers).votes) == verify_vote(answers)[:2] == ("1/2", 3)
+    # `same` is called as (group's first answer, answer): "70" joins "7"'s group only when "7" came second
+    assert majority_vote(["7", "70", "8"], same=str.startswith).votes == 1
+    assert majority_vote(["70", "7", "8"], same=str.startswith).votes == 2
 
 
 def test_format_rate():

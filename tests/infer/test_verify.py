@@ -19,6 +19,15 @@ def test_vote_groups_equal_values_and_ignores_missing_answers():
     assert vote(["7", "8"]) == ("7", 1, 0)  # a tie goes to the answer seen first
 
 
+def test_vote_takes_the_task_equality_and_calls_it_as_answer_then_group():
+    # case-insensitive names: a task's own equality replaces value equality
+    assert vote(["Paris", "Rome", "paris "], same=lambda a, b: a.strip().lower() == b.strip().lower()) == \
+        ("Paris", 2, 0)
+    # an asymmetric relation shows the argument order: "70" joins "7"'s group because "70".startswith("7")
+    assert vote(["7", "70", "8"], same=str.startswith) == ("7", 2, 0)
+    assert vote(["70", "7", "8"], same=str.startswith) == ("70", 1, 0)
+
+
 def test_judge_confidence_and_threshold():
     sure = judge([chain("42"), chain("42.0"), chain("41"), chain("42")], threshold=0.5)
     assert (sure.answer, sure.votes, sure.confidence, sure.sure, sure.chosen) == ("42", 3, 0.75, True, 0)

@@ -33,3 +33,15 @@ def test_unknown_field_is_named():
         from_dict(GRPOConfig, {"learning_rate": 1e-5}, "grpo")
     with pytest.raises(ValueError, match="loss_type"):
         from_dict(GRPOConfig, {"loss_type": "ppo"}, "grpo").validate()
+
+
+def test_child_recipe_replaces_dict_fields():
+    """A child's `tasks = {...}` replaces its parent's whole dict: merging them would train on tasks the child
+    never named. Tables still merge field by field."""
+    from nanoseek.config import merge
+
+    parent = {"grpo": {"tasks": {"arithmetic": 1.0, "logic": 1.0}, "lr": 1e-4}, "model": {"preset": "tiny"}}
+    child = {"grpo": {"tasks": {"countdown": 1.0}}}
+    merged = merge(parent, child)
+    assert merged["grpo"] == {"tasks": {"countdown": 1.0}, "lr": 1e-4}
+    assert merged["model"] == {"preset": "tiny"}
