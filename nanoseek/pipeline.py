@@ -48,6 +48,7 @@ class RunData:
     vocab_size: int = 4096
     seed: int = 0
     difficulty: str = "1-3"
+    mix: dict[str, float] = field(default_factory=dict)  # corpus domain weights ({} -> synth's DOMAIN_MIX)
     curate: dict[str, Any] = field(default_factory=dict)  # CurateConfig overrides, e.g. {quality = {min_words = 20}}
     root: str = ""  # unused by `run` (its data lives under OUT/data); kept so pretrain recipes load unchanged
     tokenizer_dir: str = ""
@@ -207,7 +208,8 @@ def stage_data(run: Run, resume: bool) -> dict[str, Any]:
     if resume:
         shutil.rmtree(root)
     extra = min(2000, max(200, cfg.docs))
-    synth = write_synth(root / "synth", docs=cfg.docs, seed=cfg.seed, difficulty=cfg.difficulty, sft=extra, rl=extra)
+    synth = write_synth(root / "synth", docs=cfg.docs, seed=cfg.seed, difficulty=cfg.difficulty, sft=extra, rl=extra,
+                        mix=cfg.mix or None)
     curate_cfg = load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.curate).items()])
     manifest = run_curation([root / "synth" / "corpus"], root / "curated", curate_cfg)
     documents = root / "curated" / "documents"
@@ -238,6 +240,7 @@ def stage_pretrain(run: Run, resume: bool) -> dict[str, Any]:
                                      "tokens_dir": str(data / "tokens")}}
     recipe["data"].pop("difficulty", None)
     recipe["data"].pop("curate", None)
+    recipe["data"].pop("mix", None)
     ckpt = pretrain(recipe, run.stage_dir("pretrain"), resume=resume, progress=run.progress)
     records = _metrics(run.stage_dir("pretrain"))
     metrics = {"steps": _last(records, "step"), "loss": _last(records, "loss"), "val_loss": _last(records, "val_loss"),

@@ -175,7 +175,12 @@ class Batch:
 
 def prompt_stream(cfg: GRPOConfig, tokenizer, recipe_seed: int) -> Iterator[Prompt]:
     if cfg.data:
-        records = [record_prompt(tokenizer, r, cfg.template, f"{cfg.data}:{i}") for i, r in read_jsonl(cfg.data)]
+        records = []
+        for i, r in read_jsonl(cfg.data):
+            records.append(p := record_prompt(tokenizer, r, cfg.template, f"{cfg.data}:{i}"))
+            if len(p.ids) > cfg.max_prompt_tokens:  # found now, not when the prompt's turn comes mid-run
+                raise ValueError(f"{cfg.data}:{i}: the prompt has {len(p.ids)} tokens; the limit is "
+                                 f"max_prompt_tokens={cfg.max_prompt_tokens}")
         if not records:
             raise ValueError(f"{cfg.data}: no prompts")
         rng = random.Random(recipe_seed)

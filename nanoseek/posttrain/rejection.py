@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from nanoseek.config import from_dict, load_recipe
 from nanoseek.data.synth import make_problems
+from nanoseek.data.tokenizer import CONTROL_TOKENS
 from nanoseek.model.hf import write_json
 from nanoseek.posttrain.preferences import write_jsonl
 from nanoseek.posttrain.rollout import Prompt, Sample, Sampler, is_correct, problem_prompt, record_prompt
@@ -79,6 +80,8 @@ def reject_reason(sample: Sample, f: FilterConfig) -> str | None:
         return "mixed_language"
     if -repetition_penalty([text], ngram_size=3, max_penalty=-1.0)[0] > f.max_repetition:
         return "repetition"
+    if any(t in text for t in CONTROL_TOKENS):  # would fake a turn boundary in the next SFT stage's template
+        return "control_token"
     if "```" in text:
         return "code_block"
     if any(len(line) > f.max_paragraph_chars for line in text.split("\n")):

@@ -173,9 +173,10 @@ def _parse_levels(spec: str | Sequence[int]) -> list[int]:
 
 def write_synth(output: str | Path, docs: int = 5000, seed: int = 0, difficulty: str | Sequence[int] = "1-3",
                 tasks: Sequence[str] | None = None, sft: int = 2000, rl: int = 2000, eval_per_level: int = 100,
-                ngram: int = DECONTAM_NGRAM) -> dict[str, Any]:
+                ngram: int = DECONTAM_NGRAM, mix: dict[str, float] | None = None) -> dict[str, Any]:
     """Generate the built-in data set under `output` (layout in the module docstring); returns the manifest.
-    Deterministic in its arguments."""
+    Deterministic in its arguments. `mix` weights the corpus domains (default DOMAIN_MIX): a short CPU run
+    learns its reasoning formats sooner from a corpus heavier in worked problems."""
     out = Path(output)
     levels = _parse_levels(difficulty)
     tasks = list(tasks or TASKS)
@@ -199,7 +200,7 @@ def write_synth(output: str | Path, docs: int = 5000, seed: int = 0, difficulty:
     train_levels = weighted_levels(levels)
     rng = random.Random(hash_seed(seed, "corpus"))
     problems = _CleanProblems(tasks, seed, train_levels, index, "corpus")
-    counts = _domain_counts(docs)
+    counts = _domain_counts(docs, mix or DOMAIN_MIX)
     regenerated = 0
     corpus_counts = {}
     seen: set[str] = set()  # exact duplicates are redrawn: the built-in corpus is clean
@@ -230,7 +231,7 @@ def write_synth(output: str | Path, docs: int = 5000, seed: int = 0, difficulty:
                                            "prompt": r1_zero_prompt(p.question)} for i in range(rl)))
 
     manifest = {
-        "version": 1, "seed": seed, "docs": docs, "difficulty": levels, "tasks": tasks,
+        "version": 1, "seed": seed, "docs": docs, "mix": mix or DOMAIN_MIX, "difficulty": levels, "tasks": tasks,
         "eval_fraction": EVAL_FRACTION, "license": LICENSE,
         "counts": {"corpus": corpus_counts, "sft": n_sft, "rl": n_rl, "eval": eval_counts},
         "decontamination": {
@@ -245,9 +246,13 @@ def write_synth(output: str | Path, docs: int = 5000, seed: int = 0, difficulty:
     return manifest
 
 
-def _domain_counts(docs: int) -> dict[str, int]:
-    """Split `docs` over DOMAIN_MIX, largest remainders first, so the counts add up exactly."""
-    raw = {d: docs * w for d, w in DOMAIN_MIX.items()}
+def _domain_counts(docs: int, mix: dict[str, float]) -> dict[str, int]:
+    """Split `docs` over the domain weights, largest remainders first, so the counts add up exactly."""
+    unknown = set(mix) - set(DOMAIN_MIX)
+    if unknown or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(f"corpus mix {mix}: expected non-negative weights of {sorted(DOMAIN_MIX)}")
+    total = sum(mix.values())
+    raw = {d: docs * w / total for d, w in mix.items()}
     counts = {d: int(v) for d, v in raw.items()}
     for d in sorted(raw, key=lambda d: raw[d] - counts[d], reverse=True)[: docs - sum(counts.values())]:
         counts[d] += 1
