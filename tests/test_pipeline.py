@@ -26,7 +26,6 @@ def run(tmp_path_factory):
     return out, time.perf_counter() - start
 
 
-@pytest.mark.slow
 def test_debug_pipeline_writes_every_stage_and_the_report(run):
     out, seconds = run
     assert seconds < 180
@@ -62,14 +61,12 @@ def test_debug_pipeline_writes_every_stage_and_the_report(run):
            f"conversations {stages['sft']['metrics']['conversations']}, steps {sft_steps}," in md
 
 
-@pytest.mark.slow
 def test_each_model_is_evaluated_in_its_training_template(run):
     out, _ = run
     for model, template in TEMPLATES.items():
         assert json.loads((out / "eval" / model / "results.json").read_text())["template"] == template
 
 
-@pytest.mark.slow
 def test_later_stages_read_only_the_run_directory(run):
     """The run is self-contained: SFT, rejection and distillation data come from OUT, not ~/.cache."""
     out, _ = run
@@ -85,7 +82,6 @@ def test_later_stages_read_only_the_run_directory(run):
     assert rejection["instruct_added"] > 0
 
 
-@pytest.mark.slow
 def test_rerun_skips_every_finished_stage(run, capsys):
     out, _ = run
     before = {name: (out / name / "stage.json").stat().st_mtime_ns for name in STAGE_NAMES}
@@ -99,7 +95,6 @@ def test_rerun_skips_every_finished_stage(run, capsys):
     assert before == {name: (out / name / "stage.json").stat().st_mtime_ns for name in STAGE_NAMES}
 
 
-@pytest.mark.slow
 def test_interrupted_stages_resume(run):
     """A stage directory without stage.json was interrupted: distillation resumes from its checkpoint (a fresh
     start would refuse the occupied directory), evaluation redoes only the model whose results are missing."""
