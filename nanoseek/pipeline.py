@@ -9,8 +9,10 @@
     OUT/r1_zero/    R1-Zero: GRPO straight from the base, R1-Zero template                   [grpo_zero]
     OUT/r1/         R1: GRPO from the cold-start model, chat template                        [grpo_r1]
     OUT/rejection/  the R1 model's verified, clean answers + instruct conversations          [rejection]
-    OUT/distill/    a fresh smaller student fine-tuned on that data                          [distill] [distill_sft]
-    OUT/eval/       base, sft, r1_zero, r1 and student on the held-out tasks                 [eval]
+    OUT/student_base/  a smaller model ([distill] student_preset) pretrained on the same tokens   [student_pretrain]
+    OUT/distill/    the student base fine-tuned on the R1 model's data                     [distill] [distill_sft]
+    OUT/student_rl/ the student base trained by GRPO instead, for distillation's wall time  [grpo_student]
+    OUT/eval/       base, sft, r1_zero, r1, student and student_rl on the held-out tasks    [eval]
     OUT/report.md   the report card (report.json, report_plots/*.png)
 
 Each stage writes `OUT/<stage>/stage.json` when it finishes: its wall time, what it produced (paths relative
@@ -84,7 +86,8 @@ class EvalConfig:
 # the models the report compares, the stage that produced each, and the prompt template it was trained with:
 # the base model was pretrained on R1-Zero-template documents; SFT (and so the student) renders the chat
 # template; each RL stage uses its recipe table's `template`
-EVAL_MODELS = {"base": "pretrain", "sft": "sft", "r1_zero": "r1_zero", "r1": "r1", "student": "distill"}
+EVAL_MODELS = {"base": "pretrain", "sft": "sft", "r1_zero": "r1_zero", "r1": "r1", "student": "distill",
+               "student_rl": "student_rl"}
 FINAL_MODEL = "r1"  # what the user is told to chat with: the chat-template reasoning model
 
 
@@ -96,8 +99,10 @@ def check_recipe(recipe: dict[str, Any]) -> None:
     from nanoseek.posttrain.sft import SFTConfig
 
     from_dict(RunConfig, recipe.get("run"), "run")
+    from nanoseek.train.pretrain import PretrainConfig
+
     tables = {"sft_cold": SFTConfig, "grpo_zero": GRPOConfig, "grpo_r1": GRPOConfig, "rejection": RejectionConfig,
-              "distill": DistillConfig, "distill_sft": SFTConfig, "eval": EvalConfig}
+              "distill": DistillConfig, "distill_sft": SFTConfig, "grpo_student": GRPOConfig, "eval": EvalConfig}
     missing = [name for name in tables if name not in recipe]
     if missing:
         raise ValueError(f"recipe {recipe.get('name', '?')!r} has no {missing} table(s); `nanoseek run` needs "
@@ -110,8 +115,9 @@ def check_recipe(recipe: dict[str, Any]) -> None:
         except ValueError as e:  # validate() names its config class's usual table, not this one
             raise ValueError(f"[{name}] {e}") from e
     distill = from_dict(DistillConfig, recipe["distill"], "distill")
-    if not distill.student and not distill.student_preset:
-        raise ValueError("[distill] needs `student` (a checkpoint) or `student_preset` (a fresh model)")
+    if not distill.student_preset:
+        raise ValueError("[distill] student_preset: `nanoseek run` pretrains the student as this preset")
+    from_dict(PretrainConfig, {**recipe.get("pretrain", {}), **recipe.get("student_pretrain", {})}, "student_pretrain")
     cfg = from_dict(EvalConfig, recipe["eval"], "eval")
     if not cfg.tasks:
         raise ValueError("[eval] tasks: no tasks to evaluate")
@@ -126,8 +132,8 @@ def model_templates(recipe: dict[str, Any]) -> dict[str, str]:
     from nanoseek.posttrain.grpo import GRPOConfig
 
     return {"base": "r1_zero", "sft": "chat", "student": "chat",
-            "r1_zero": from_dict(GRPOConfig, recipe["grpo_zero"], "grpo_zero").template,
-            "r1": from_dict(GRPOConfig, recipe["grpo_r1"], "grpo_r1").template}
+            **{model: from_dict(GRPOConfig, recipe[table], table).template
+               for model, table in (("r1_zero", "grpo_zero"), ("r1", "grpo_r1"), ("student_rl", "grpo_student"))}}
 
 
 @dataclass
@@ -232,21 +238,40 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def stage_pretrain(run: Run, resume: bool) -> dict[str, Any]:
+def _pretrain(run: Run, name: str, resume: bool, model: dict[str, Any] | None = None,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pretrain on this run's token shards into OUT/<name>: the recipe's [model] and [pretrain], or a
+    different [model] table and [pretrain] fields merged over the recipe's."""
     from nanoseek.train.pretrain import pretrain
 
     data = run.stage_dir("data")
     recipe = {**run.recipe, "data": {**run.recipe.get("data", {}), "tokenizer_dir": str(data / "tokenizer"),
                                      "tokens_dir": str(data / "tokens")}}
-    recipe["data"].pop("difficulty", None)
-    recipe["data"].pop("curate", None)
-    recipe["data"].pop("mix", None)
-    ckpt = pretrain(recipe, run.stage_dir("pretrain"), resume=resume, progress=run.progress)
-    records = _metrics(run.stage_dir("pretrain"))
+    for key in ("difficulty", "curate", "mix"):  # [data] fields of `run`, not of pretraining
+        recipe["data"].pop(key, None)
+    if model is not None:
+        recipe["model"] = model
+    recipe["pretrain"] = {**run.recipe.get("pretrain", {}), **(overrides or {})}
+    ckpt = pretrain(recipe, run.stage_dir(name), resume=resume, progress=run.progress)
+    records = _metrics(run.stage_dir(name))
     metrics = {"steps": _last(records, "step"), "loss": _last(records, "loss"), "val_loss": _last(records, "val_loss"),
                "val_bpb": _last(records, "val_bpb")}
-    return {"dir": "pretrain", "checkpoint": run.rel(ckpt), "metrics": {k: v for k, v in metrics.items()
-                                                                        if v is not None}}
+    return {"dir": name, "checkpoint": run.rel(ckpt), "metrics": {k: v for k, v in metrics.items() if v is not None}}
+
+
+def stage_pretrain(run: Run, resume: bool) -> dict[str, Any]:
+    return _pretrain(run, "pretrain", resume)
+
+
+def stage_student_base(run: Run, resume: bool) -> dict[str, Any]:
+    """The student's own base model: R1 distilled into smaller *pretrained* models (Qwen, Llama), so the
+    student is first pretrained on the same tokens, as a smaller preset ([distill] student_preset), with
+    [student_pretrain] fields over [pretrain]."""
+    from nanoseek.posttrain.distill import DistillConfig
+
+    cfg = from_dict(DistillConfig, run.recipe["distill"], "distill")
+    return _pretrain(run, "student_base", resume, model={"preset": cfg.student_preset},
+                     overrides=run.recipe.get("student_pretrain"))
 
 
 def _sft_metrics(stage_dir: Path) -> dict[str, Any]:
@@ -268,7 +293,7 @@ def stage_sft(run: Run, resume: bool) -> dict[str, Any]:
 
 
 def _grpo_stage(run: Run, name: str, section: str, init: Path, resume: bool) -> dict[str, Any]:
-    from nanoseek.posttrain.grpo import CURRICULUM_FILE, grpo
+    from nanoseek.posttrain.grpo import CURRICULUM_FILE, GRPOConfig, grpo
 
     out = run.stage_dir(name)
     ckpt = grpo(run.recipe, out, init=init, resume=resume, progress=run.progress, section=section)
@@ -281,6 +306,10 @@ def _grpo_stage(run: Run, name: str, section: str, init: Path, resume: bool) -> 
     if (out / CURRICULUM_FILE).exists():  # what the auto curriculum chose to train on
         chosen = json.loads((out / CURRICULUM_FILE).read_text())
         info["metrics"]["trained_on"] = f"{chosen['task']} level {chosen['level']}"
+    else:
+        cfg = from_dict(GRPOConfig, run.recipe[section], section)
+        tasks = cfg.data or "+".join(t for t, w in cfg.tasks.items() if w > 0)
+        info["metrics"]["trained_on"] = f"{tasks} level {'+'.join(map(str, cfg.difficulty))}"
     return info
 
 
@@ -313,13 +342,24 @@ def stage_rejection(run: Run, resume: bool) -> dict[str, Any]:
 
 
 def stage_distill(run: Run, resume: bool) -> dict[str, Any]:
-    """Distillation (R1 §2.4): a smaller student fine-tuned on the R1 model's curated samples."""
+    """Distillation (R1 §2.4): the pretrained student fine-tuned on the R1 model's curated samples."""
     from nanoseek.posttrain.distill import distill
 
     out = run.stage_dir("distill")
-    ckpt = distill(run.recipe, out, teacher=run.checkpoint("r1"), data=run.out / run.done("rejection")["data"],
-                   resume=resume, progress=run.progress)
+    ckpt = distill(run.recipe, out, teacher=run.checkpoint("r1"), student=run.checkpoint("student_base"),
+                   data=run.out / run.done("rejection")["data"], resume=resume, progress=run.progress)
     return {"dir": "distill/student", "checkpoint": run.rel(ckpt), "metrics": _sft_metrics(out / "student")}
+
+
+def stage_student_rl(run: Run, resume: bool) -> dict[str, Any]:
+    """The other road for the small model (R1 §4.1): GRPO on the student base itself ([grpo_student]) for
+    the wall time distillation took, so the report compares the two at equal cost."""
+    budget = run.done("distill")["wall_seconds"]
+    recipe = {**run.recipe, "grpo_student": {**run.recipe["grpo_student"], "time_budget_s": budget}}
+    info = _grpo_stage(Run(recipe, run.out, run.progress), "student_rl", "grpo_student",
+                       run.checkpoint("student_base"), resume)
+    info["metrics"]["time_budget_s"] = budget
+    return info
 
 
 def stage_eval(run: Run, resume: bool) -> dict[str, Any]:
@@ -365,7 +405,9 @@ STAGES: list[tuple[str, Callable[[Run, bool], dict[str, Any]]]] = [
     ("r1_zero", stage_r1_zero),
     ("r1", stage_r1),
     ("rejection", stage_rejection),
+    ("student_base", stage_student_base),
     ("distill", stage_distill),
+    ("student_rl", stage_student_rl),
     ("eval", stage_eval),
     ("report", stage_report),
 ]
@@ -401,7 +443,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nall stages done in {total / 60:.1f} min -> {args.out}")
     report = json.loads((args.out / "report.json").read_text())
     for name, lift in report["lift"].items():
-        print(f"  {name.replace('_vs_', ' vs ')}: held-out pass@1 {lift['mean'] * 100:+.1f} points")
+        print(f"  {name.replace('_vs_', ' vs ')}: held-out pass@1 {lift['mean'] * 100:+.1f} points (mean over tasks)")
+    for name, lift in report["rl_task_lift"].items():
+        print(f"  {name} on its RL task ({lift['trained_on']}): held-out pass@1 {lift['start']:.3f} -> "
+              f"{lift['end']:.3f} ({lift['lift'] * 100:+.1f} points)")
     print(f"report card: {args.out / 'report.md'}")
     print(f"chat with the model:  nanoseek chat --model {args.out / FINAL_MODEL}")
     return 0

@@ -14,7 +14,8 @@ from nanoseek.eval.report import MODELS
 from nanoseek.pipeline import STAGES, check_recipe, run_pipeline
 
 STAGE_NAMES = [name for name, _ in STAGES]
-TEMPLATES = {"base": "r1_zero", "r1_zero": "r1_zero", "sft": "chat", "r1": "chat", "student": "chat"}
+TEMPLATES = {"base": "r1_zero", "r1_zero": "r1_zero", "sft": "chat", "r1": "chat", "student": "chat",
+             "student_rl": "r1_zero"}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,13 @@ def test_debug_pipeline_writes_every_stage_and_the_report(run):
     for name in ("r1_zero", "r1"):
         assert {"steps", "heldout_pass@1_start", "heldout_pass@1_end"} <= set(stages[name]["metrics"])
     assert stages["rejection"]["metrics"]["reasoning_kept"] > 0
+    # the student's two roads start from one pretrained student base and cost the same wall time
+    student_base = json.loads((out / stages["student_base"]["checkpoint"] / "config.json").read_text())
+    assert student_base["hidden_size"] == 64  # the debug preset, not the teacher's model
+    assert stages["student_rl"]["metrics"]["time_budget_s"] == stages["distill"]["wall_seconds"]
+    for name, table in (("distill", "distill_sft"), ("student_rl", "grpo_student")):
+        recipe = json.loads((out / stages[name]["checkpoint"] / "nanoseek.json").read_text())["recipe"]
+        assert Path(recipe[table]["init"]).resolve() == (out / stages["student_base"]["checkpoint"]).resolve()
 
     report = json.loads((out / "report.json").read_text())
     assert list(report["eval"]) == list(MODELS)
@@ -49,6 +57,11 @@ def test_debug_pipeline_writes_every_stage_and_the_report(run):
     assert [s["name"] for s in report["stages"]] == STAGE_NAMES[:-1]  # all but the report itself
     assert all(s["wall_seconds"] > 0 for s in report["stages"])
     assert set(report["lift"]) == {"r1_zero_vs_base", "r1_vs_sft"}
+    assert set(report["rl_task_lift"]) == {"r1_zero", "r1", "student_rl"}
+    r1 = report["rl_task_lift"]["r1"]
+    assert r1["trained_on"] == "arithmetic level 1"
+    assert r1["lift"] == pytest.approx(stages["r1"]["metrics"]["heldout_pass@1_end"]
+                                       - stages["r1"]["metrics"]["heldout_pass@1_start"])
 
     md = (out / "report.md").read_text()
     assert {"pass_at_1.png", "loss.png", "reward.png", "expert_load_pretrain.png"} <= {

@@ -11,7 +11,7 @@ are the paper rows' *reported* figures, each with its source, printed beside wha
 report.json:
     run_dir, created, config, hardware, total_wall_seconds,
     stages: [{name, wall_seconds, ...}],
-    eval:   {model: {task: {"pass@1", "pass@k", "maj@k", "format", ...}}},   models base, sft, r1_zero, r1, student
+    eval:   {model: {task: {"pass@1", "pass@k", "maj@k", "format", ...}}},   models base, sft, r1_zero, r1, student, student_rl
     bpb, speed, lift: {"r1_zero_vs_base": {task: Δpass@1, "mean": ...}, "r1_vs_sft": ...},
     training: {stage: {key: {"first", "last", "steps"}}}, balance: {stage: {...}},
     paper_comparison: [{"topic", "paper", "source", "measured"}], plots: [paths relative to run_dir]
@@ -33,7 +33,7 @@ import torch
 
 from nanoseek.train.metrics import read_metrics
 
-MODELS = ("base", "sft", "r1_zero", "r1", "student")
+MODELS = ("base", "sft", "r1_zero", "r1", "student", "student_rl")
 # (starting model, RL model): the lifts the pipeline is judged on
 LIFTS = (("base", "r1_zero"), ("sft", "r1"))
 PLOT_DIR = "report_plots"
@@ -178,6 +178,20 @@ def lifts(evals: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, fl
     return out
 
 
+def rl_task_lifts(stages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Held-out pass@1 before and after each RL stage on the task it trained on, as the stage measured it
+    (its own eval split of that task and level, every `eval_every` steps). The eval stage's table averages
+    over every task, most of which an RL stage never saw; this is the number RL is judged on."""
+    out = {}
+    for s in stages:
+        m = s.get("metrics") or {}
+        if "heldout_pass@1_start" in m and "heldout_pass@1_end" in m:
+            out[s["name"]] = {"trained_on": m.get("trained_on", ""), "start": m["heldout_pass@1_start"],
+                              "end": m["heldout_pass@1_end"],
+                              "lift": m["heldout_pass@1_end"] - m["heldout_pass@1_start"]}
+    return out
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     if isinstance(x, bool) or x is None:
         return "—"
@@ -236,8 +250,9 @@ def paper_rows(evals: dict[str, dict[str, dict[str, Any]]], speed: dict[str, dic
               f"over {t['completion_length']['steps']} steps" for s, t in training.items() if "completion_length" in t]
     row("Response length grows during RL", "average response length of R1-Zero grows steadily through RL "
         "(to thousands of tokens)", "DeepSeek-R1, arXiv 2501.12948, Fig. 3", "; ".join(length))
-    students = [m for m in evals if m.startswith("student")]
-    parts = [f"{m} pass@1 {_fmt(model_summary(evals[m])['pass@1'])}" for m in students]
+    roads = {"student": "student (distilled)", "student_rl": "student_rl (GRPO, same wall time)"}
+    parts = [f"{name} pass@1 {_fmt(model_summary(evals[m])['pass@1'])}" for m, name in roads.items() if m in evals]
+    students = [m for m in roads if m in evals]
     if students and "r1" in evals:
         parts.append(f"teacher r1 pass@1 {_fmt(model_summary(evals['r1'])['pass@1'])}")
     row("Distillation vs RL for small models", "Qwen-32B distilled from R1: AIME 72.6% vs RL on the same base: 47.0%",
@@ -369,6 +384,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         if report["lift"]:
             md += ["pass@1 lift of RL over its starting model (points): " + "; ".join(
                 f"**{k.replace('_vs_', ' vs ')}** {v['mean'] * 100:+.1f}" for k, v in report["lift"].items()), ""]
+        if report.get("rl_task_lift"):
+            md += ["On the task each RL stage trained on (its held-out split, measured by the stage): " + "; ".join(
+                f"**{k}** ({v['trained_on'] or 'recipe tasks'}) {_fmt(v['start'])} -> {_fmt(v['end'])} "
+                f"({v['lift'] * 100:+.1f} points)" for k, v in report["rl_task_lift"].items()), ""]
         if any(Path(p).name == "pass_at_1.png" for p in report["plots"]):
             md += [f"![pass@1]({PLOT_DIR}/pass_at_1.png)", ""]
         summaries = {m: model_summary(evals[m]) for m in evals}
@@ -443,6 +462,7 @@ def write_report(run_dir: str | Path, stages: Sequence[dict[str, Any]], evals: d
         "bpb": {m: r["bpb"] for m, r in results.items() if r.get("bpb") is not None},
         "speed": speed,
         "lift": lifts(eval_tasks),
+        "rl_task_lift": rl_task_lifts(stages),
         "training": training, "balance": balance,
         "paper_comparison": paper_rows(eval_tasks, speed, training, balance),
         "plots": [],

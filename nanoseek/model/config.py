@@ -1,6 +1,7 @@
 """Model configuration with HF `DeepseekV3Config` field names, so `config.json` round-trips with transformers.
 
-Presets: `debug` (tests, <1M parameters), `tiny` (the CPU default), `small`, `base` (~0.6B, GPU) and `671B`
+Presets: `debug` (tests, <1M parameters), `mini` (the CPU distillation student), `tiny` (the CPU default), `small`,
+`base` (~0.6B, GPU) and `671B`
 (DeepSeek-V3 itself, configuration only).
 """
 
@@ -182,7 +183,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                  n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=64,
                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=2048,
                  initializer_range=SMALL_INIT_STD),
-    # A student for distillation and a bigger CPU run.
+    # The CPU student for distillation (~1.5M parameters with a 2K vocabulary): a quarter of tiny's width.
+    "mini": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+                 num_hidden_layers=4, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                 n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=2048,
+                 initializer_range=SMALL_INIT_STD),
+    # A bigger CPU run.
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
                   num_hidden_layers=8, num_attention_heads=8, n_routed_experts=32, num_experts_per_tok=4,
                   n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=192, kv_lora_rank=128,

@@ -53,13 +53,16 @@ STAGES = [{"name": "pretrain", "wall_seconds": 100.0, "steps": 20},
           {"name": "sft", "wall_seconds": 20.0},
           {"name": "r1_zero", "wall_seconds": 60.0, "dir": "grpo_zero"},
           {"name": "r1", "wall_seconds": 50.0},  # no metrics.jsonl: must simply be skipped
-          {"name": "distill", "wall_seconds": 30.0}]
+          {"name": "distill", "wall_seconds": 30.0},
+          {"name": "student_rl", "wall_seconds": 30.0,
+           "metrics": {"heldout_pass@1_start": 0.25, "heldout_pass@1_end": 0.5, "trained_on": "arithmetic level 1"}}]
 EVALS = {
     "student": eval_result({"arithmetic": 0.45, "logic": 0.55}, 2.2),
     "base": eval_result({"arithmetic": 0.10, "logic": 0.50}, 2.0, acceptance=0.6),
     "sft": eval_result({"arithmetic": 0.30, "logic": 0.50}, 2.1),
     "r1_zero": eval_result({"arithmetic": 0.40, "logic": 0.60}, 2.3),
     "r1": eval_result({"arithmetic": 0.60, "logic": 0.70}, 2.4),
+    "student_rl": eval_result({"arithmetic": 0.15, "logic": 0.45}, 2.5),
 }
 
 
@@ -79,13 +82,16 @@ def test_report_json_structure_and_numbers(run_dir):
             assert set(tasks[t]) >= {"pass@1", "pass@k", "maj@k", "format"}
             assert tasks[t]["pass@1"] == EVALS[model]["tasks"][t]["pass@1"]
     assert [s["name"] for s in report["stages"]] == [s["name"] for s in STAGES]
-    assert report["total_wall_seconds"] == pytest.approx(260.0)
+    assert report["total_wall_seconds"] == pytest.approx(290.0)
     assert report["config"]["name"] == "debug" and report["hardware"]["cpu_count"] >= 1
     assert report["bpb"]["r1"] == 2.4 and report["speed"]["base"]["mtp_acceptance"] == 0.6
     # lifts: r1_zero over base (+0.30, +0.10) and r1 over sft (+0.30, +0.20)
     assert report["lift"]["r1_zero_vs_base"]["arithmetic"] == pytest.approx(0.30)
     assert report["lift"]["r1_zero_vs_base"]["mean"] == pytest.approx(0.20)
     assert report["lift"]["r1_vs_sft"]["mean"] == pytest.approx(0.25)
+    # on the task an RL stage trained on, as the stage itself measured it (only stages that report it)
+    assert report["rl_task_lift"] == {"student_rl": {"trained_on": "arithmetic level 1", "start": 0.25, "end": 0.5,
+                                                     "lift": 0.25}}
     # training curves summarised from each stage's metrics.jsonl (the r1_zero stage lives in grpo_zero/)
     assert report["training"]["pretrain"]["loss"]["last"] == pytest.approx(6.0 - 0.1 * 20 + 0.05)  # last 2 of 20
     assert report["training"]["r1_zero"]["completion_length"]["first"] == pytest.approx(12.0)
@@ -104,7 +110,8 @@ def test_paper_rows_carry_measured_values(run_dir):
     assert "0.300 -> 0.500 (+20.0 points" in rows["r1_zero pass@1 lift over base"]["measured"]
     assert "+25.0 points" in rows["r1 pass@1 lift over sft"]["measured"]
     assert "12 -> 30 tokens over 10 steps" in rows["Response length grows during RL"]["measured"]
-    assert "student pass@1 0.500" in rows["Distillation vs RL for small models"]["measured"]
+    distill = rows["Distillation vs RL for small models"]["measured"]
+    assert "student (distilled) pass@1 0.500" in distill and "student_rl (GRPO, same wall time) pass@1 0.300" in distill
     assert "pass@1 0.300 -> 0.500" in rows["RL sharpens the output distribution"]["measured"]
 
 
@@ -124,6 +131,7 @@ def test_report_markdown_and_plots(run_dir):
         assert f"]({p})" in md  # every plot is linked from the markdown
     assert "| r1_zero | 0.400 | 0.600 | 0.500 |" in md  # pass@1 per task and the mean
     assert "**r1_zero vs base** +20.0" in md
+    assert "**student_rl** (arithmetic level 1) 0.250 -> 0.500 (+25.0 points)" in md
     assert not list(run_dir.glob(".*"))  # no temporary files left behind
 
 
