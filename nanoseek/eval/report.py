@@ -11,8 +11,10 @@ are the paper rows' *reported* figures, each with its source, printed beside wha
 report.json:
     run_dir, created, config, hardware, total_wall_seconds,
     stages: [{name, wall_seconds, ...}],
-    eval:   {model: {task: {"pass@1", "pass@k", "maj@k", "format", ...}}},   models base, sft, r1_zero, r1, student, student_rl
+    eval:   {model: {task: {"pass@1", "pass@k", "maj@k", "format", ...}}},
+            models base, sft, r1_zero, r1, student (distilled), student_rl (GRPO on the student base),
     bpb, speed, lift: {"r1_zero_vs_base": {task: Δpass@1, "mean": ...}, "r1_vs_sft": ...},
+    rl_task_lift: {rl stage: {trained_on, start, end, lift}}  (held-out pass@1 on the stage's own task),
     training: {stage: {key: {"first", "last", "steps"}}}, balance: {stage: {...}},
     paper_comparison: [{"topic", "paper", "source", "measured"}], plots: [paths relative to run_dir]
 """
