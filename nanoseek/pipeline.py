@@ -11,7 +11,7 @@
     OUT/rejection/  the R1 model's verified, clean answers + instruct conversations          [rejection]
     OUT/student_base/  a smaller model ([distill] student_preset) pretrained on the same tokens   [student_pretrain]
     OUT/distill/    the student base fine-tuned on the R1 model's data                     [distill] [distill_sft]
-    OUT/student_rl/ the student base trained by GRPO instead, for distillation's wall time  [grpo_student]
+    OUT/student_rl/ the student base trained by GRPO instead, for rejection + distill time [grpo_student]
     OUT/eval/       base, sft, r1_zero, r1, student and student_rl on the held-out tasks    [eval]
     OUT/report.md   the report card (report.json, report_plots/*.png)
 
@@ -353,8 +353,9 @@ def stage_distill(run: Run, resume: bool) -> dict[str, Any]:
 
 def stage_student_rl(run: Run, resume: bool) -> dict[str, Any]:
     """The other road for the small model (R1 §4.1): GRPO on the student base itself ([grpo_student]) for
-    the wall time distillation took, so the report compares the two at equal cost."""
-    budget = run.done("distill")["wall_seconds"]
+    the wall time distillation cost, the teacher's sampling (rejection) included, so the report compares the
+    two at equal cost."""
+    budget = run.done("rejection")["wall_seconds"] + run.done("distill")["wall_seconds"]
     recipe = {**run.recipe, "grpo_student": {**run.recipe["grpo_student"], "time_budget_s": budget}}
     info = _grpo_stage(Run(recipe, run.out, run.progress), "student_rl", "grpo_student",
                        run.checkpoint("student_base"), resume)

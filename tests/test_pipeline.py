@@ -41,7 +41,8 @@ def test_debug_pipeline_writes_every_stage_and_the_report(run):
     # the student's two roads start from one pretrained student base and cost the same wall time
     student_base = json.loads((out / stages["student_base"]["checkpoint"] / "config.json").read_text())
     assert student_base["hidden_size"] == 64  # the debug preset, not the teacher's model
-    assert stages["student_rl"]["metrics"]["time_budget_s"] == stages["distill"]["wall_seconds"]
+    assert stages["student_rl"]["metrics"]["time_budget_s"] == pytest.approx(
+        stages["rejection"]["wall_seconds"] + stages["distill"]["wall_seconds"])
     for name, table in (("distill", "distill_sft"), ("student_rl", "grpo_student")):
         recipe = json.loads((out / stages[name]["checkpoint"] / "nanoseek.json").read_text())["recipe"]
         assert Path(recipe[table]["init"]).resolve() == (out / stages["student_base"]["checkpoint"]).resolve()

@@ -166,11 +166,17 @@ class GRPOConfig:
 class Batch:
     """A generation batch ready for the update: N = groups × G sequences, right-padded."""
 
-    ids: torch.Tensor  # [N, L] prompt + completion
+    ids: torch.Tensor  # [N, L] prompt + completion, rows longest first
     mask: torch.Tensor  # [N, L-1] 1 where ids[:, 1:] is a completion token that takes gradient
     advantages: torch.Tensor  # [N]
+    lengths: list[int] = field(default_factory=list)  # real length of each row (non-increasing)
     old_logps: torch.Tensor | None = None  # [N, L-1] under the sampling policy (μ > 1)
     ref_logps: torch.Tensor | None = None  # [N, L-1] under the reference (β > 0)
+
+    def chunks(self, size: int) -> list[tuple[slice, int]]:
+        """Micro-batches of `size` rows and the width each needs: rows are sorted longest first, so a chunk of
+        short completions is not padded to the longest one in the batch (less compute for the same result)."""
+        return [(slice(i, i + size), self.lengths[i]) for i in range(0, len(self.lengths), size)]
 
 
 def prompt_stream(cfg: GRPOConfig, tokenizer, recipe_seed: int) -> Iterator[Prompt]:
@@ -347,6 +353,9 @@ class GRPOTrainer:
         flat = [s for g in groups for s in g]
         advantages, _ = group_advantages(torch.tensor([x for r in rewards for x in r]), cfg.num_generations,
                                          cfg.scale_rewards)
+        # advantages are per group; from here on each row stands alone, so rows go longest first (see chunks)
+        order = sorted(range(len(flat)), key=lambda i: -(len(flat[i].prompt.ids) + len(flat[i].ids)))
+        flat, advantages = [flat[i] for i in order], advantages[order]
         ids = pad_right([s.prompt.ids + s.ids for s in flat], self.tok.pad_id)
         mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
         for i, s in enumerate(flat):
@@ -354,34 +363,35 @@ class GRPOTrainer:
                 continue
             p = len(s.prompt.ids)
             mask[i, p - 1:p - 1 + len(s.ids)] = 1.0  # position t predicts token t+1
-        return Batch(ids.to(self.device), mask.to(self.device), advantages.to(self.device))
+        lengths = [len(s.prompt.ids) + len(s.ids) for s in flat]
+        return Batch(ids.to(self.device), mask.to(self.device), advantages.to(self.device), lengths)
 
     # --- 4. reference and old log-probs ----------------------------------------------------------------------
     @torch.no_grad()
-    def logps(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = []
-        for i in range(0, len(ids), self.cfg.micro_batch):
-            chunk = ids[i:i + self.cfg.micro_batch]
-            out.append(token_logps(model(chunk[:, :-1]), chunk[:, 1:], mask[i:i + self.cfg.micro_batch]))
-        return torch.cat(out)
+    def logps(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """[N, L-1] log-probabilities of the batch's completion tokens under `model` (0 elsewhere)."""
+        out = torch.zeros_like(batch.mask)
+        for c, width in batch.chunks(self.cfg.micro_batch):
+            ids = batch.ids[c, :width]
+            out[c, :width - 1] = token_logps(model(ids[:, :-1]), ids[:, 1:], batch.mask[c, :width - 1])
+        return out
 
     # --- 5. update -------------------------------------------------------------------------------------------
     def update(self, batch: Batch, lr: float) -> dict[str, float]:
         cfg = self.cfg
         self.model.train()
         set_lr(self.optimizer, lr)
-        N = len(batch.ids)
-        chunks = [slice(i, i + cfg.micro_batch) for i in range(0, N, cfg.micro_batch)]
+        chunks = batch.chunks(cfg.micro_batch)
         tokens = batch.mask.sum()
         sums = {"loss": 0.0, "clip_frac": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0}
         grad_norm = 0.0
         for _ in range(cfg.mu):
-            for c in chunks:
-                ids, mask = batch.ids[c], batch.mask[c]
+            for c, width in chunks:
+                ids, mask = batch.ids[c, :width], batch.mask[c, :width - 1]
                 logits = self.model(ids[:, :-1])
                 logps = token_logps(logits, ids[:, 1:], mask)
-                old = None if batch.old_logps is None else batch.old_logps[c]
-                ref = None if batch.ref_logps is None else batch.ref_logps[c]
+                old = None if batch.old_logps is None else batch.old_logps[c, :width - 1]
+                ref = None if batch.ref_logps is None else batch.ref_logps[c, :width - 1]
                 loss, stats = grpo_loss(logps, old, batch.advantages[c], mask, loss_type=cfg.loss_type,
                                         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logps=ref,
                                         max_completion_length=cfg.max_new_tokens, num_items_in_batch=tokens,
@@ -460,9 +470,9 @@ class GRPOTrainer:
                 if groups:
                     batch = self.make_batch(groups, rewards)
                     if cfg.mu > 1:
-                        batch.old_logps = self.logps(self.model.eval(), batch.ids, batch.mask)
+                        batch.old_logps = self.logps(self.model.eval(), batch)
                     if self.ref is not None:
-                        batch.ref_logps = self.logps(self.ref, batch.ids, batch.mask)
+                        batch.ref_logps = self.logps(self.ref, batch)
                     t2 = time.perf_counter()
                     update = self.update(batch, lr)
                     t3 = time.perf_counter()

@@ -3,8 +3,11 @@ checkpoints and resume. (That GRPO raises accuracy on a pretrained model is meas
 
 import json
 
+import torch
+
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.posttrain.grpo import GRPOConfig, GRPOTrainer, grpo, pick_candidate
+from nanoseek.posttrain.losses import token_logps
 from nanoseek.posttrain.rollout import Sample, record_prompt
 from nanoseek.train.metrics import read_metrics
 
@@ -55,11 +58,27 @@ def test_batch_masks_exactly_the_completion_tokens(policy_dir, tmp_path):
     cut = Sample(prompt, [5, 6, 7, 8], "x", truncated=True)
     batch = trainer.make_batch([[done, cut]], [[1.0, 0.0]])
     P = len(prompt.ids)
-    assert batch.ids[0, P:P + 3].tolist() == [5, 6, tok.end_answer_id]
+    # rows go longest first (the truncated one), each keeping its own advantage
+    assert batch.lengths == [P + 4, P + 3] and batch.advantages.tolist() == [-0.5, 0.5]  # scale_rewards "none"
+    assert batch.ids[1, P:P + 3].tolist() == [5, 6, tok.end_answer_id]
     # position t predicts token t+1: the completion's 3 tokens are predicted from positions P-1 .. P+1
-    assert batch.mask[0].nonzero().flatten().tolist() == [P - 1, P, P + 1]
-    assert batch.mask[1].sum() == 0  # truncated: overlong filtering
-    assert batch.advantages.tolist() == [0.5, -0.5]  # scale_rewards="none" by default
+    assert batch.mask[1].nonzero().flatten().tolist() == [P - 1, P, P + 1]
+    assert batch.mask[0].sum() == 0  # truncated: overlong filtering
+
+
+def test_micro_batches_are_cut_to_their_rows_without_changing_log_probs(policy_dir, tmp_path):
+    """Chunks of short rows skip the padding the longest row forces on the batch; the log-probabilities of the
+    completion tokens are the ones one full-width forward gives."""
+    cfg = GRPOConfig(**{**BASE, "mask_truncated": False, "num_generations": 3, "micro_batch": 1})
+    trainer = GRPOTrainer(cfg, {}, tmp_path, str(policy_dir), progress=False)
+    prompt = record_prompt(trainer.tok, {"question": "What is 2 + 2?", "answer": "4"}, "r1_zero", "test")
+    rows = [Sample(prompt, list(range(5, 5 + n)), "x", truncated=False) for n in (2, 9, 5)]
+    batch = trainer.make_batch([rows], [[1.0, 0.0, 0.5]])
+    assert [c for _, c in batch.chunks(1)] == sorted(batch.lengths, reverse=True) == batch.lengths
+    model = trainer.model.eval()
+    with torch.no_grad():
+        full = token_logps(model(batch.ids[:, :-1]), batch.ids[:, 1:], batch.mask)
+    torch.testing.assert_close(trainer.logps(model, batch), full, rtol=1e-5, atol=1e-5)
 
 
 def test_pick_candidate_prefers_learnable_prompts_inside_the_band():
