@@ -30,6 +30,7 @@ from nanoseek.posttrain.preferences import Pair, load_pairs, pair_batch, verifie
 from nanoseek.posttrain.rollout import Sampler, problem_prompt
 from nanoseek.posttrain.sft import pick_device
 from nanoseek.posttrain.stage import (
+    add_stage_arguments,
     check_fresh_run,
     load_policy,
     resume_stage,
@@ -206,13 +207,8 @@ def dpo(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = N
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="built-in recipe name or TOML file ([dpo] table)")
-    parser.add_argument("--out", required=True, type=Path, help="run directory")
-    parser.add_argument("--init", help="starting checkpoint or run directory (overrides [dpo].init)")
+    add_stage_arguments(parser, "dpo")
     parser.add_argument("--data", help="preference JSONL (prompt, chosen, rejected); default: verified samples")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:

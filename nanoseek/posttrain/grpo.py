@@ -59,6 +59,7 @@ from nanoseek.posttrain.rollout import (
 )
 from nanoseek.posttrain.sft import pick_device
 from nanoseek.posttrain.stage import (
+    add_stage_arguments,
     check_fresh_run,
     load_policy,
     pad_right,
@@ -522,13 +523,8 @@ def grpo(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="built-in recipe name or TOML file ([grpo] table)")
-    parser.add_argument("--out", required=True, type=Path, help="run directory")
-    parser.add_argument("--init", help="starting checkpoint or run directory (overrides [grpo].init)")
+    add_stage_arguments(parser, "grpo")
     parser.add_argument("--section", default="grpo", help="recipe table to read (default grpo)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from nanoseek.model.hf import write_json
 from nanoseek.posttrain.preferences import write_jsonl
 from nanoseek.posttrain.rollout import Prompt, Sample, Sampler, is_correct, problem_prompt, record_prompt
 from nanoseek.posttrain.sft import pick_device, record_style
-from nanoseek.posttrain.stage import load_policy, read_jsonl
+from nanoseek.posttrain.stage import add_stage_arguments, load_policy, read_jsonl
 from nanoseek.rewards import format_reward, language_consistency_reward, repetition_penalty
 
 
@@ -194,11 +194,8 @@ def rejection(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="built-in recipe name or TOML file ([rejection] table)")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (sft.jsonl, rejection.json)")
-    parser.add_argument("--init", help="checkpoint to sample from (overrides [rejection].init)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    parser.add_argument("--no-progress", action="store_true")
+    add_stage_arguments(parser, "rejection", out_help="output directory (sft.jsonl, rejection.json)",
+                        init_help="checkpoint to sample from (overrides [rejection].init)", resume=False)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from nanoseek.posttrain.preferences import Pair, load_pairs, pair_batch
 from nanoseek.posttrain.sft import pick_device
 from nanoseek.posttrain.stage import (
     TOKENIZER_FILES,
+    add_stage_arguments,
     check_fresh_run,
     load_policy,
     pad_right,
@@ -207,12 +208,10 @@ def train_reward_model(recipe: dict[str, Any], out_dir: str | Path, init: str | 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="built-in recipe name or TOML file ([reward_model] table)")
-    parser.add_argument("--out", required=True, type=Path, help="run directory (the model goes to OUT/model)")
-    parser.add_argument("--init", help="backbone checkpoint or run directory (overrides [reward_model].init)")
+    add_stage_arguments(parser, "reward_model", out_help="run directory (the model goes to OUT/model)",
+                        init_help="backbone checkpoint or run directory (overrides [reward_model].init)",
+                        resume=False)
     parser.add_argument("--data", help="preference JSONL: prompt, chosen, rejected (overrides [reward_model].data)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:

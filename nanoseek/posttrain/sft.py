@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from nanoseek.config import from_dict, load_recipe
 from nanoseek.data.tokenizer import CONTROL_TOKENS, Tokenizer
 from nanoseek.posttrain.stage import (
+    add_stage_arguments,
     check_fresh_run,
     load_policy,
     pad_right,
@@ -345,14 +346,9 @@ def sft(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = N
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="built-in recipe name or TOML file ([sft] table)")
-    parser.add_argument("--out", required=True, type=Path, help="run directory")
-    parser.add_argument("--init", help="starting checkpoint or run directory (overrides [sft].init)")
+    add_stage_arguments(parser, "sft")
     parser.add_argument("--data", action="append", help="conversation JSONL file (repeatable; default: built-in)")
     parser.add_argument("--section", default="sft", help="recipe table to read (default sft)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:

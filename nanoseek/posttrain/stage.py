@@ -8,6 +8,7 @@ stage loads OUT like any checkpoint (`nanoseek.load(OUT)`), and `--resume` conti
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from collections.abc import Iterator, Sequence
@@ -142,3 +143,16 @@ def check_fresh_run(out: Path, resume: bool) -> None:
     """Refuse to mix two runs in one directory."""
     if not resume and (latest_checkpoint(out) is not None or (out / "metrics.jsonl").exists()):
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, table: str, out_help: str = "run directory",
+                        init_help: str | None = None, resume: bool = True) -> None:
+    """The arguments every post-training command shares: --recipe (its [table]), --out, --init, --resume,
+    --set and --no-progress. Commands add their own (--data, --teacher, ...) after these."""
+    parser.add_argument("--recipe", required=True, help=f"built-in recipe name or TOML file ([{table}] table)")
+    parser.add_argument("--out", required=True, type=Path, help=out_help)
+    parser.add_argument("--init", help=init_help or f"starting checkpoint or run directory (overrides [{table}].init)")
+    if resume:
+        parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
