@@ -9,10 +9,10 @@
     OUT/r1_zero/    R1-Zero: GRPO straight from the base, R1-Zero template                   [grpo_zero]
     OUT/r1/         R1: GRPO from the cold-start model, chat template                        [grpo_r1]
     OUT/rejection/  the R1 model's verified, clean answers + instruct conversations          [rejection]
-    OUT/student_base/  a smaller model ([distill] student_preset) pretrained on the same tokens   [student_pretrain]
-    OUT/distill/    the student base fine-tuned on the R1 model's data                     [distill] [distill_sft]
-    OUT/student_rl/ the student base trained by GRPO instead, for rejection + distill time [grpo_student]
-    OUT/eval/       base, sft, r1_zero, r1, student and student_rl on the held-out tasks    [eval]
+    OUT/student_base/ a smaller model ([distill] student_preset) pretrained on the same tokens [student_pretrain]
+    OUT/distill/    the student base fine-tuned on the R1 model's data                       [distill] [distill_sft]
+    OUT/student_rl/ the student base trained by GRPO instead, for rejection + distill time   [grpo_student]
+    OUT/eval/       base, sft, r1_zero, r1, student and student_rl on the held-out tasks      [eval]
     OUT/report.md   the report card (report.json, report_plots/*.png)
 
 Each stage writes `OUT/<stage>/stage.json` when it finishes: its wall time, what it produced (paths relative
@@ -97,10 +97,9 @@ def check_recipe(recipe: dict[str, Any]) -> None:
     from nanoseek.posttrain.grpo import GRPOConfig
     from nanoseek.posttrain.rejection import RejectionConfig
     from nanoseek.posttrain.sft import SFTConfig
-
-    from_dict(RunConfig, recipe.get("run"), "run")
     from nanoseek.train.pretrain import PretrainConfig
 
+    from_dict(RunConfig, recipe.get("run"), "run")
     tables = {"sft_cold": SFTConfig, "grpo_zero": GRPOConfig, "grpo_r1": GRPOConfig, "rejection": RejectionConfig,
               "distill": DistillConfig, "distill_sft": SFTConfig, "grpo_student": GRPOConfig, "eval": EvalConfig}
     missing = [name for name in tables if name not in recipe]
