@@ -254,8 +254,7 @@ def paper_rows(evals: dict[str, dict[str, dict[str, Any]]], speed: dict[str, dic
         "(to thousands of tokens)", "DeepSeek-R1, arXiv 2501.12948, Fig. 3", "; ".join(length))
     roads = {"student": "student (distilled)", "student_rl": "student_rl (GRPO, same wall time)"}
     parts = [f"{name} pass@1 {_fmt(model_summary(evals[m])['pass@1'])}" for m, name in roads.items() if m in evals]
-    students = [m for m in roads if m in evals]
-    if students and "r1" in evals:
+    if parts and "r1" in evals:
         parts.append(f"teacher r1 pass@1 {_fmt(model_summary(evals['r1'])['pass@1'])}")
     row("Distillation vs RL for small models", "Qwen-32B distilled from R1: AIME 72.6% vs RL on the same base: 47.0%",
         "DeepSeek-R1, arXiv 2501.12948 §4.1", "; ".join(parts))

@@ -1,8 +1,7 @@
 """Model configuration with HF `DeepseekV3Config` field names, so `config.json` round-trips with transformers.
 
-Presets: `debug` (tests, <1M parameters), `mini` (the CPU distillation student), `tiny` (the CPU default), `small`,
-`base` (~0.6B, GPU) and `671B`
-(DeepSeek-V3 itself, configuration only).
+Presets: `debug` (tests, <1M parameters), `mini` (the CPU distillation student), `tiny` (the CPU default),
+`small`, `base` (~0.6B, GPU) and `671B` (DeepSeek-V3 itself, configuration only).
 """
 
 from __future__ import annotations

@@ -355,17 +355,17 @@ class GRPOTrainer:
         advantages, _ = group_advantages(torch.tensor([x for r in rewards for x in r]), cfg.num_generations,
                                          cfg.scale_rewards)
         # advantages are per group; from here on each row stands alone, so rows go longest first (see chunks)
-        order = sorted(range(len(flat)), key=lambda i: -(len(flat[i].prompt.ids) + len(flat[i].ids)))
-        flat, advantages = [flat[i] for i in order], advantages[order]
-        ids = pad_right([s.prompt.ids + s.ids for s in flat], self.tok.pad_id)
+        rows = [s.prompt.ids + s.ids for s in flat]
+        order = sorted(range(len(flat)), key=lambda i: -len(rows[i]))
+        flat, rows, advantages = [flat[i] for i in order], [rows[i] for i in order], advantages[order]
+        ids = pad_right(rows, self.tok.pad_id)
         mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
         for i, s in enumerate(flat):
             if cfg.mask_truncated and s.truncated:
                 continue
             p = len(s.prompt.ids)
             mask[i, p - 1:p - 1 + len(s.ids)] = 1.0  # position t predicts token t+1
-        lengths = [len(s.prompt.ids) + len(s.ids) for s in flat]
-        return Batch(ids.to(self.device), mask.to(self.device), advantages.to(self.device), lengths)
+        return Batch(ids.to(self.device), mask.to(self.device), advantages.to(self.device), [len(r) for r in rows])
 
     # --- 4. reference and old log-probs ----------------------------------------------------------------------
     @torch.no_grad()
