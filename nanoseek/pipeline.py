@@ -13,6 +13,7 @@
     OUT/distill/    the student base fine-tuned on the R1 model's data                       [distill] [distill_sft]
     OUT/student_rl/ the student base trained by GRPO instead, for rejection + distill time   [grpo_student]
     OUT/eval/       base, sft, r1_zero, r1, student and student_rl on the held-out tasks      [eval]
+    OUT/eval/rl/    each RL stage's start and end model on the task and level it trained on   [eval] rl_n
     OUT/report.md   the report card (report.json, report_plots/*.png)
 
 Each stage writes `OUT/<stage>/stage.json` when it finishes: its wall time, what it produced (paths relative
@@ -51,6 +52,7 @@ class RunData:
     seed: int = 0
     difficulty: str = "1-3"
     mix: dict[str, float] = field(default_factory=dict)  # corpus domain weights ({} -> synth's DOMAIN_MIX)
+    task_mix: dict[str, float] = field(default_factory=dict)  # task weights of worked-problem documents ({}: equal)
     curate: dict[str, Any] = field(default_factory=dict)  # CurateConfig overrides, e.g. {quality = {min_words = 20}}
     root: str = ""  # unused by `run` (its data lives under OUT/data); kept so pretrain recipes load unchanged
     tokenizer_dir: str = ""
@@ -77,6 +79,7 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int = 128
     games: int = 20  # games per opponent (optimal, random) for game tasks
+    rl_n: int = 256  # problems on which each RL stage's start and end model are compared (its trained task and level)
     threshold: float = 0.5  # the verification loop abstains below this agreement
     bpb: bool = True  # bits per byte on held-out worked solutions
     batch: int = 64
@@ -89,6 +92,10 @@ class EvalConfig:
 EVAL_MODELS = {"base": "pretrain", "sft": "sft", "r1_zero": "r1_zero", "r1": "r1", "student": "distill",
                "student_rl": "student_rl"}
 FINAL_MODEL = "r1"  # what the user is told to chat with: the chat-template reasoning model
+# each RL stage: its recipe table and the stage whose checkpoint it started from; the eval stage measures its
+# lift on what it trained on, start model against end model on the same problems
+RL_STAGES = {"r1_zero": ("grpo_zero", "pretrain"), "r1": ("grpo_r1", "sft"),
+             "student_rl": ("grpo_student", "student_base")}
 
 
 def check_recipe(recipe: dict[str, Any]) -> None:
@@ -123,6 +130,14 @@ def check_recipe(recipe: dict[str, Any]) -> None:
     for spec in cfg.tasks:  # an unknown task or a missing file is named now
         if spec not in GAMES:
             load_task(spec, 1, cfg.seed, cfg.difficulty)
+    if cfg.rl_n < 1:
+        raise ValueError(f"[eval] rl_n must be >= 1, got {cfg.rl_n}")
+    choices = {(t, tuple(levels)) for table, _ in RL_STAGES.values() for t, levels in _rl_choices(recipe, table)}
+    for task, levels in sorted(choices):
+        try:  # every task and level an RL stage may train on holds rl_n held-out problems to measure its lift on
+            load_task(task, cfg.rl_n, cfg.seed, list(levels))
+        except ValueError as e:
+            raise ValueError(f"[eval] rl_n = {cfg.rl_n}: {e}") from e
 
 
 def model_templates(recipe: dict[str, Any]) -> dict[str, str]:
@@ -133,6 +148,39 @@ def model_templates(recipe: dict[str, Any]) -> dict[str, str]:
     return {"base": "r1_zero", "sft": "chat", "student": "chat",
             **{model: from_dict(GRPOConfig, recipe[table], table).template
                for model, table in (("r1_zero", "grpo_zero"), ("r1", "grpo_r1"), ("student_rl", "grpo_student"))}}
+
+
+def _rl_choices(recipe: dict[str, Any], table: str) -> list[tuple[str, list[int]]]:
+    """The (built-in task, levels) pairs an RL table may train on: each task and level an auto curriculum
+    can pick, else each task at the table's levels; none for a data file."""
+    from nanoseek.posttrain.grpo import GRPOConfig
+
+    cfg = from_dict(GRPOConfig, recipe[table], table)
+    if cfg.data:
+        return []
+    tasks = [t for t, w in cfg.tasks.items() if w > 0]
+    if cfg.curriculum == "auto":
+        return [(t, [level]) for t in tasks for level in cfg.difficulty]
+    return [(t, list(cfg.difficulty)) for t in tasks]
+
+
+def rl_target(recipe: dict[str, Any], table: str, stage_dir: Path) -> tuple[list[str], list[int]] | None:
+    """The built-in tasks and levels an RL stage trained on: what its auto curriculum chose (it keeps the
+    choice in stage_dir/curriculum.json), else its recipe table's tasks and difficulty; None for a data file."""
+    from nanoseek.posttrain.grpo import CURRICULUM_FILE, GRPOConfig
+
+    path = stage_dir / CURRICULUM_FILE
+    if path.exists():
+        chosen = json.loads(path.read_text())
+        return [chosen["task"]], [chosen["level"]]
+    cfg = from_dict(GRPOConfig, recipe[table], table)
+    return None if cfg.data else ([t for t, w in cfg.tasks.items() if w > 0], list(cfg.difficulty))
+
+
+def describe_target(target: tuple[list[str], list[int]]) -> str:
+    """"arithmetic level 1", "logic+multihop level 1+2"."""
+    tasks, levels = target
+    return f"{'+'.join(tasks)} level {'+'.join(map(str, levels))}"
 
 
 @dataclass
@@ -214,7 +262,7 @@ def stage_data(run: Run, resume: bool) -> dict[str, Any]:
         shutil.rmtree(root)
     extra = min(2000, max(200, cfg.docs))
     synth = write_synth(root / "synth", docs=cfg.docs, seed=cfg.seed, difficulty=cfg.difficulty, sft=extra, rl=extra,
-                        mix=cfg.mix or None)
+                        mix=cfg.mix or None, task_mix=cfg.task_mix or None)
     curate_cfg = load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.curate).items()])
     manifest = run_curation([root / "synth" / "corpus"], root / "curated", curate_cfg)
     documents = root / "curated" / "documents"
@@ -246,7 +294,7 @@ def _pretrain(run: Run, name: str, resume: bool, model: dict[str, Any] | None = 
     data = run.stage_dir("data")
     recipe = {**run.recipe, "data": {**run.recipe.get("data", {}), "tokenizer_dir": str(data / "tokenizer"),
                                      "tokens_dir": str(data / "tokens")}}
-    for key in ("difficulty", "curate", "mix"):  # [data] fields of `run`, not of pretraining
+    for key in ("difficulty", "curate", "mix", "task_mix"):  # [data] fields of `run`, not of pretraining
         recipe["data"].pop(key, None)
     if model is not None:
         recipe["model"] = model
@@ -292,23 +340,22 @@ def stage_sft(run: Run, resume: bool) -> dict[str, Any]:
 
 
 def _grpo_stage(run: Run, name: str, section: str, init: Path, resume: bool) -> dict[str, Any]:
-    from nanoseek.posttrain.grpo import CURRICULUM_FILE, GRPOConfig, grpo
+    from nanoseek.posttrain.grpo import GRPOConfig, grpo
 
     out = run.stage_dir(name)
     ckpt = grpo(run.recipe, out, init=init, resume=resume, progress=run.progress, section=section)
     records = _metrics(out)
     metrics = {"steps": _last(records, "step"), "rl_seconds": _last(records, "time/rl_total"),
                "heldout_pass@1_start": _first(records, "eval/pass@1"),
-               "heldout_pass@1_end": _last(records, "eval/pass@1"), "reward_end": _last(records, "reward")}
+               "heldout_pass@1_end": _last(records, "eval/pass@1"), "reward_end": _last(records, "reward"),
+               # steps that could not learn (GRPO warned): no reward spread, or every completion masked as truncated
+               "steps_without_signal": sum(r.get("no_signal", 0) for r in records),
+               "steps_masked_all": sum(r.get("masked_all", 0) for r in records)}
     info: dict[str, Any] = {"dir": name, "checkpoint": run.rel(ckpt),
                             "metrics": {k: v for k, v in metrics.items() if v is not None}}
-    if (out / CURRICULUM_FILE).exists():  # what the auto curriculum chose to train on
-        chosen = json.loads((out / CURRICULUM_FILE).read_text())
-        info["metrics"]["trained_on"] = f"{chosen['task']} level {chosen['level']}"
-    else:
-        cfg = from_dict(GRPOConfig, run.recipe[section], section)
-        tasks = cfg.data or "+".join(t for t, w in cfg.tasks.items() if w > 0)
-        info["metrics"]["trained_on"] = f"{tasks} level {'+'.join(map(str, cfg.difficulty))}"
+    target = rl_target(run.recipe, section, out)  # what the auto curriculum chose, else the recipe's tasks
+    info["metrics"]["trained_on"] = (describe_target(target) if target
+                                     else from_dict(GRPOConfig, run.recipe[section], section).data)
     return info
 
 
@@ -362,11 +409,72 @@ def stage_student_rl(run: Run, resume: bool) -> dict[str, Any]:
     return info
 
 
-def stage_eval(run: Run, resume: bool) -> dict[str, Any]:
-    """Every model on the same held-out tasks, each in the template it was trained with. A model whose
-    OUT/eval/<model>/results.json exists is not evaluated again (an interrupted stage resumes per model)."""
+def _levels(difficulty: int | list[int]) -> list[int]:
+    return [difficulty] if isinstance(difficulty, int) else list(difficulty)
+
+
+def _rl_eval(run: Run, cfg: EvalConfig, known: dict[str, list[tuple[str, dict[str, Any]]]], stage: str,
+             target: tuple[list[str], list[int]], template: str, out: Path) -> str:
+    """Results (a path relative to OUT) of `stage`'s model on [eval] rl_n problems of the target tasks and
+    levels: results already made that hold exactly those problems and samples (same template, tasks, levels,
+    n, k, sampling and seed: per-question seeds make them identical), else a fresh evaluation into `out`.
+    `known` holds each stage's results so far and receives the new ones."""
     from nanoseek.eval.evaluate import evaluate
-    from nanoseek.eval.report import model_summary
+
+    tasks, levels = target
+    want = {"k": cfg.k, "n": cfg.rl_n, "difficulty": levels, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    path = out / "results.json"
+    if path.exists():  # an interrupted eval stage got this far
+        known.setdefault(stage, []).append((run.rel(path), json.loads(path.read_text())))
+    for where, r in known.get(stage, []):
+        got = {**r["settings"], "difficulty": _levels(r["settings"]["difficulty"])}
+        if (r["template"] == template and all(k in r["tasks"] and "per_problem" in r["tasks"][k] for k in tasks)
+                and all(got.get(key) == value for key, value in want.items())):
+            return where
+    print(f"[eval] {stage} on {describe_target(target)}: {cfg.rl_n} problems × {cfg.k} samples ({template} template)")
+    result = evaluate(run.checkpoint(stage), tasks, cfg.k, cfg.rl_n, template=template, temperature=cfg.temperature,
+                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, difficulty=levels, seed=cfg.seed,
+                      threshold=cfg.threshold, consistency=False, bpb=False, batch=cfg.batch, out=out,
+                      progress=run.progress)
+    known.setdefault(stage, []).append((run.rel(path), result))
+    return run.rel(path)
+
+
+def rl_evals(run: Run, cfg: EvalConfig, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each finished RL stage's start and end model on the task and level it trained on, the same rl_n
+    problems for both, in the stage's template: {stage: {trained_on, tasks, difficulty, start_model,
+    start, end}} with start/end the paths of their results (OUT/eval/rl/<stage>/{start,end}/results.json,
+    or a main evaluation that already covers those problems)."""
+    from nanoseek.posttrain.grpo import GRPOConfig
+
+    known = {EVAL_MODELS[m]: [(f"eval/{m}/results.json", r)] for m, r in results.items()}
+    names = {stage: model for model, stage in EVAL_MODELS.items()}
+    out = {}
+    for name, (table, start) in RL_STAGES.items():
+        target = rl_target(run.recipe, table, run.stage_dir(name))
+        if target is None:
+            continue  # trained on a data file: no held-out split of it to draw problems from
+        template = from_dict(GRPOConfig, run.recipe[table], table).template
+        entry: dict[str, Any] = {"trained_on": describe_target(target), "tasks": target[0], "difficulty": target[1],
+                                 "start_model": names.get(start, start)}
+        for role, stage in (("start", start), ("end", name)):
+            entry[role] = _rl_eval(run, cfg, known, stage, target, template, run.stage_dir("eval") / "rl" / name / role)
+        out[name] = entry
+    return out
+
+
+def _rl_results(run: Run, entry: dict[str, Any]) -> dict[str, Any]:
+    """An rl_evals entry with its start and end results read back."""
+    return {**entry, **{role: json.loads((run.out / entry[role]).read_text()) for role in ("start", "end")}}
+
+
+def stage_eval(run: Run, resume: bool) -> dict[str, Any]:
+    """Every model on the same held-out tasks, each in the template it was trained with; then each RL stage's
+    start and end model paired on what the stage trained on (rl_evals). Results that exist are not made
+    again: an interrupted stage resumes per model and per RL measurement."""
+    from nanoseek.eval.evaluate import evaluate
+    from nanoseek.eval.report import model_summary, paired_lift
 
     cfg = from_dict(EvalConfig, run.recipe["eval"], "eval")
     templates = model_templates(run.recipe)
@@ -381,9 +489,13 @@ def stage_eval(run: Run, resume: bool) -> dict[str, Any]:
                                   temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                   difficulty=cfg.difficulty, seed=cfg.seed, threshold=cfg.threshold,
                                   games=cfg.games, bpb=cfg.bpb, batch=cfg.batch, out=out, progress=run.progress)
+    rl = rl_evals(run, cfg, results)
     pass1 = {m: model_summary(r["tasks"])["pass@1"] for m, r in results.items()}
-    return {"results": {m: f"eval/{m}/results.json" for m in results},
-            "metrics": {f"{m}_pass@1": p for m, p in pass1.items() if p is not None}}
+    metrics = {f"{m}_pass@1": p for m, p in pass1.items() if p is not None}
+    for name, entry in rl.items():
+        r = _rl_results(run, entry)
+        metrics[f"{name}_lift"] = paired_lift(r["start"], r["end"], r["tasks"])["lift"]
+    return {"results": {m: f"eval/{m}/results.json" for m in results}, "rl": rl, "metrics": metrics}
 
 
 def stage_report(run: Run, resume: bool) -> dict[str, Any]:
@@ -393,7 +505,8 @@ def stage_report(run: Run, resume: bool) -> dict[str, Any]:
     keep = ("name", "wall_seconds", "dir", "checkpoint", "metrics")
     stages = [{k: s[k] for k in keep if k in s} for s in (run.done(name) for name, _ in STAGES if name != "report")]
     evals = {m: json.loads((run.out / path).read_text()) for m, path in run.done("eval")["results"].items()}
-    report = write_report(run.out, stages, evals, config=run.recipe)
+    rl = {name: _rl_results(run, e) for name, e in run.done("eval").get("rl", {}).items()}
+    report = write_report(run.out, stages, evals, config=run.recipe, rl=rl)
     lift = {k: v["mean"] for k, v in report["lift"].items()}
     return {"report": "report.md", "plots": report["plots"], "metrics": {f"lift_{k}": v for k, v in lift.items()}}
 
@@ -445,8 +558,10 @@ def main(args: argparse.Namespace) -> int:
     for name, lift in report["lift"].items():
         print(f"  {name.replace('_vs_', ' vs ')}: held-out pass@1 {lift['mean'] * 100:+.1f} points (mean over tasks)")
     for name, lift in report["rl_task_lift"].items():
-        print(f"  {name} on its RL task ({lift['trained_on']}): held-out pass@1 {lift['start']:.3f} -> "
-              f"{lift['end']:.3f} ({lift['lift'] * 100:+.1f} points)")
+        lo, hi = lift["lift_ci"]
+        print(f"  {name} on its RL task ({lift['trained_on']}, {lift['n_problems']} held-out problems × {lift['k']} "
+              f"samples): pass@1 {lift['start']:.3f} -> {lift['end']:.3f} ({lift['lift'] * 100:+.1f} points, 95% "
+              f"interval [{lo * 100:+.1f}, {hi * 100:+.1f}])")
     print(f"report card: {args.out / 'report.md'}")
     print(f"chat with the model:  nanoseek chat --model {args.out / FINAL_MODEL}")
     return 0

@@ -54,18 +54,38 @@ def test_debug_pipeline_writes_every_stage_and_the_report(run):
         assert list(results) == tasks
         for task in ("arithmetic", "logic"):
             assert 0.0 <= results[task]["pass@1"] <= 1.0 and "maj@k" in results[task]
-        assert "win_vs_optimal" in results["nim"]
+            lo, hi = results[task]["pass@1_ci"]
+            assert lo <= results[task]["pass@1"] <= hi
+        assert "win_vs_optimal" in results["nim"] and "win_vs_random_ci" in results["nim"]
     assert [s["name"] for s in report["stages"]] == STAGE_NAMES[:-1]  # all but the report itself
     assert all(s["wall_seconds"] > 0 for s in report["stages"])
     assert set(report["lift"]) == {"r1_zero_vs_base", "r1_vs_sft"}
+    # each RL stage's lift: its start and end model on the same rl_n problems of what it trained on, from the
+    # eval stage; where a main evaluation holds exactly those problems (debug: rl_n = n) it is reused
     assert set(report["rl_task_lift"]) == {"r1_zero", "r1", "student_rl"}
-    r1 = report["rl_task_lift"]["r1"]
-    assert r1["trained_on"] == "arithmetic level 1"
-    assert r1["lift"] == pytest.approx(stages["r1"]["metrics"]["heldout_pass@1_end"]
-                                       - stages["r1"]["metrics"]["heldout_pass@1_start"])
+    rl = stages["eval"]["rl"]
+    assert (rl["r1_zero"]["start"], rl["r1_zero"]["end"]) == ("eval/base/results.json", "eval/r1_zero/results.json")
+    assert rl["r1"]["start"] == "eval/sft/results.json"
+    assert rl["student_rl"]["start"] == "eval/rl/student_rl/start/results.json"  # the student base: evaluated here
+    student_base = json.loads((out / rl["student_rl"]["start"]).read_text())
+    assert student_base["template"] == "r1_zero" and list(student_base["tasks"]) == ["logic"]
+    expected = {"r1_zero": ("arithmetic level 1", "base"), "r1": ("arithmetic level 1", "sft"),
+                "student_rl": ("logic level 1", "student_base")}
+    for name, (trained_on, start_model) in expected.items():
+        lift = report["rl_task_lift"][name]
+        assert (lift["trained_on"], lift["start_model"], lift["n_problems"], lift["k"]) == (trained_on, start_model,
+                                                                                            4, 2)
+        assert lift["lift"] == pytest.approx(lift["end"] - lift["start"])
+        assert stages["eval"]["metrics"][f"{name}_lift"] == pytest.approx(lift["lift"])
+        for key in ("start", "end", "lift"):
+            lo, hi = lift[f"{key}_ci"]
+            assert lo <= lift[key] + 1e-12 and lift[key] <= hi + 1e-12
+    r1_start = report["eval"]["sft"]["arithmetic"]
+    assert report["rl_task_lift"]["r1"]["start"] == pytest.approx(r1_start["pass@1"])
 
     md = (out / "report.md").read_text()
-    assert {"pass_at_1.png", "loss.png", "reward.png", "expert_load_pretrain.png"} <= {
+    assert "## RL lift on the trained task" in md and "| r1 | arithmetic level 1 | 4 × 2 | sft |" in md
+    assert {"pass_at_1.png", "rl_lift.png", "loss.png", "reward.png", "expert_load_pretrain.png"} <= {
         Path(p).name for p in report["plots"]}
     for plot in report["plots"]:
         assert f"]({plot})" in md
@@ -106,6 +126,8 @@ def test_rerun_skips_every_finished_stage(run, capsys):
     printed = capsys.readouterr().out
     assert all(f"[{name}] already done" in printed for name in STAGE_NAMES)
     assert f"nanoseek chat --model {out / 'r1'}" in printed
+    assert "r1 on its RL task (arithmetic level 1, 4 held-out problems × 2 samples): pass@1 " in printed
+    assert "points, 95% interval [" in printed
     assert before == {name: (out / name / "stage.json").stat().st_mtime_ns for name in STAGE_NAMES}
 
 
@@ -114,13 +136,15 @@ def test_interrupted_stages_resume(run):
     start would refuse the occupied directory), evaluation redoes only the model whose results are missing."""
     out, _ = run
     checkpoint = json.loads((out / "distill" / "stage.json").read_text())["checkpoint"]
-    for marker in ("distill/stage.json", "eval/student/results.json", "eval/stage.json", "report/stage.json"):
+    for marker in ("distill/stage.json", "eval/student/results.json", "eval/rl/student_rl/start/results.json",
+                   "eval/stage.json", "report/stage.json"):
         (out / marker).unlink()
     base_results = (out / "eval" / "base" / "results.json").stat().st_mtime_ns
     stages = run_pipeline(load_recipe("debug"), out, progress=False)
     assert [s["name"] for s in stages] == STAGE_NAMES
     assert stages[STAGE_NAMES.index("distill")]["checkpoint"] == checkpoint
     assert (out / "eval" / "student" / "results.json").exists()
+    assert (out / "eval" / "rl" / "student_rl" / "start" / "results.json").exists()
     assert (out / "eval" / "base" / "results.json").stat().st_mtime_ns == base_results
 
 
@@ -143,6 +167,9 @@ def test_missing_table_and_bad_fields_fail_before_training():
         check_recipe({**recipe, "run": {"thread": 1}})
     with pytest.raises(ValueError, match="student_preset"):
         check_recipe({**recipe, "distill": {}})
+    # an RL stage's lift needs rl_n held-out problems of what it trains on: too few fails now, not after training
+    with pytest.raises(ValueError, match=r"\[eval\] rl_n = 100000: arithmetic: only \d+ unique eval problems"):
+        check_recipe({**recipe, "eval": {**recipe["eval"], "rl_n": 100000}})
 
 
 def test_tiny_tables_leak_no_field_into_recipes_built_on_it():

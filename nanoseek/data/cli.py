@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nanoseek.data.shards import INDEX, corpus_files, read_texts, tokenize_corpus
-from nanoseek.data.synth.corpus import write_synth
+from nanoseek.data.synth.corpus import GAME_SHARE, write_synth
 from nanoseek.data.tokenizer import train_tokenizer
 
 
@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--sft", type=int, default=2000, help="SFT conversations (default 2000)")
     p.add_argument("--rl", type=int, default=2000, help="RL prompts (default 2000)")
     p.add_argument("--eval-per-level", type=int, default=100, help="eval problems per task and level (default 100)")
+    p.add_argument("--game-share", type=float, default=GAME_SHARE,
+                   help=f"share of math documents and SFT conversations that are Nim games (default {GAME_SHARE})")
     p.set_defaults(data_func=_synth)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a JSONL corpus")
@@ -76,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
     m = write_synth(args.output, docs=args.docs, seed=args.seed, difficulty=args.difficulty, tasks=tasks,
-                    sft=args.sft, rl=args.rl, eval_per_level=args.eval_per_level)
+                    sft=args.sft, rl=args.rl, eval_per_level=args.eval_per_level, game_share=args.game_share)
     c = m["counts"]
     print(f"wrote {sum(c['corpus'].values())} documents {c['corpus']}, {c['sft']} SFT, {c['rl']} RL, "
           f"eval {c['eval']} to {args.output}; decontamination: {m['decontamination']}")

@@ -4,13 +4,15 @@
     nanoseek eval --model runs/default/sft --tasks gsm8k:/data/gsm8k/test.jsonl,arithmetic_mc,nim --out eval/sft
 
 Generative tasks follow DeepSeek-R1's protocol: k samples per problem at temperature 0.6 / top-p 0.95, giving
-pass@1 (mean correctness over the samples), pass@k and maj@k (cons@k). The same samples also give format
-compliance, the hallucination rate of a single answer and of the verification loop's vote (which abstains
-below an agreement threshold), and the share of unsupported claims on tasks with a source passage. A greedy
-pass over each problem and its paraphrases (reworded, premises reordered) measures logical consistency.
-Multiple choice is scored by the log-likelihood of the answer letters; games are played against an optimal
-and a random player. Bits per byte are measured on held-out worked solutions. Generation goes through the
-inference engine, which also gives tokens/s and latency.
+pass@1 (mean correctness over the samples), pass@k and maj@k (cons@k). pass@1 carries its 95% bootstrap
+interval over problems (`pass@1_ci`) and every problem's own pass@1 under its id (`per_problem`), so two models
+scored on the same problems can be compared problem by problem. The same samples also give format compliance,
+the hallucination rate of a single answer and of the verification loop's vote (which abstains below an
+agreement threshold), and the share of unsupported claims on tasks with a source passage. A greedy pass over
+each problem and its paraphrases (reworded, premises reordered) measures logical consistency. Multiple choice
+is scored by the log-likelihood of the answer letters; games are played against an optimal and a random
+player, with intervals over games. Bits per byte are measured on held-out worked solutions. Generation goes
+through the inference engine, which also gives tokens/s and latency.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 from nanoseek.eval.games import GAMES, optimal_player, play_match, random_player, text_player
 from nanoseek.eval.metrics import (
     bits_per_byte,
+    bootstrap_ci,
     consistency,
     format_rate,
     hallucination,
@@ -116,9 +119,17 @@ class Generator:
         return out
 
 
+def _per_problem(examples: Sequence[Example], scores: list[float]) -> dict[str, Any]:
+    """pass@1 with its interval, and each problem's score under its id (for paired comparisons)."""
+    return {"pass@1_ci": list(bootstrap_ci(scores)),
+            "per_problem": {"ids": [ex.id for ex in examples], "pass@1": scores}}
+
+
 def _generate_task(gen: Generator, task: EvalTask, k: int, temperature: float, top_p: float, seed: int,
-                   threshold: float, speculative: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics of a generative task, and one record per sample for inspection."""
+                   threshold: float, speculative: bool,
+                   greedy: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics of a generative task, and one record per sample for inspection. `greedy`: also the greedy pass
+    over each problem and its paraphrases (greedy accuracy, consistency)."""
     same = task.same()
     examples = task.examples
     seconds, tokens = gen.seconds, gen.tokens
@@ -162,7 +173,9 @@ def _generate_task(gen: Generator, task: EvalTask, k: int, temperature: float, t
                   for s in grounding_reward([o["text"] for o in outs], [ex.passage] * len(outs),
                                             [ex.question] * len(outs))]
         metrics["unsupported_claims"] = -sum(scores) / len(scores)
-    metrics.update(_consistency(gen, task, seed, speculative))
+    if greedy:
+        metrics.update(_consistency(gen, task, seed, speculative))
+    metrics.update(_per_problem(examples, [sum(row) / k for row in rows]))
     return metrics, records
 
 
@@ -209,28 +222,40 @@ def _choice_task(model, tokenizer, task: EvalTask, batch: int) -> tuple[dict[str
             start = prompt_len[e]  # the letter's tokens are seq[start:], predicted at positions start-1...
             targets = torch.tensor(seq[start:])
             scores[i + j] = logp[j, start - 1:len(seq) - 1].gather(1, targets[:, None]).sum()
-    records, hits, at = [], 0, 0
+    records, hits, at = [], [], 0
     for ex in task.examples:
         s = scores[at:at + len(ex.choices)]
         at += len(ex.choices)
         picked = LETTERS[int(s.argmax())]
-        hits += picked == ex.answer
+        hits.append(float(picked == ex.answer))
         records.append({"task": task.name, "id": ex.id, "answer": picked, "gold": ex.answer,
                         "correct": picked == ex.answer, "logprobs": s.tolist()})
-    return {"n": len(task.examples), "pass@1": hits / len(task.examples)}, records
+    return {"n": len(task.examples), "pass@1": sum(hits) / len(hits), **_per_problem(task.examples, hits)}, records
 
 
 def _game(gen: Generator, name: str, n: int, seed: int) -> dict[str, Any]:
-    """The model (greedy) against the optimal and the random player, n games each, alternating first move."""
+    """The model (greedy) against the optimal and the random player, n games each, alternating first move.
+
+    Win and forfeit rates carry 95% intervals bootstrapped over games. `optimal_move_rate` is the share of
+    all the model's moves (both matches) that keep the position's value; its interval resamples games, not
+    moves, since the moves of one game depend on each other (a ratio over games weighted by their moves)."""
     game = GAMES[name]()
     player = text_player(game, lambda qs: [o[0]["text"] for o in gen(qs, 1, 0.0, 1.0, seed, name)])
     out: dict[str, Any] = {"games": n}
-    moves = 0.0
+    kept: list[int] = []
+    moved: list[int] = []
     for opponent, who in (("optimal", optimal_player(game)), ("random", random_player(game, seed))):
         r = play_match(game, player, who, n, seed)
         out.update({f"{key}_vs_{opponent}": r[key] for key in ("win", "draw", "loss", "forfeit")})
-        moves += r["optimal_move_rate"] / 2
-    out["optimal_move_rate"] = moves
+        for key in ("win", "forfeit"):
+            out[f"{key}_vs_{opponent}_ci"] = list(bootstrap_ci([float(o == key) for o in r["outcomes"]]))
+        kept += r["optimal_moves"]
+        moved += r["moves"]
+    played = [(k, m) for k, m in zip(kept, moved, strict=True) if m]  # games the model made a move in
+    out["moves"] = sum(moved)
+    out["optimal_move_rate"] = sum(kept) / sum(moved) if played else 0.0
+    if played:
+        out["optimal_move_rate_ci"] = list(bootstrap_ci([k / m for k, m in played], weights=[m for _, m in played]))
     return out
 
 
@@ -264,14 +289,16 @@ def _write_json(path: Path, data: Any) -> None:
 def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: int = 8, n: int = 50, *,
              template: str = "auto", temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128,
              difficulty: int | list[int] = 1, seed: int = 0, threshold: float = 0.5, games: int = 20,
-             bpb: bool = True, bpb_texts: Sequence[str] | None = None, batch: int = 64,
+             consistency: bool = True, bpb: bool = True, bpb_texts: Sequence[str] | None = None, batch: int = 64,
              out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint (or a run directory's latest checkpoint) on `tasks`.
 
     k: samples per problem; n: problems per built-in task (and the cap for file tasks); games: games per
     opponent for game tasks ("nim", "tictactoe"). `threshold` is the verification loop's agreement below which
-    it abstains. Returns {"model", "checkpoint", "template", "settings", "tasks": {task: metrics}, "bpb",
-    "speed", "wall_seconds"}; with `out`, also writes OUT/results.json and every sample to OUT/samples.jsonl."""
+    it abstains. `consistency=False` skips the greedy pass over problems and paraphrases (greedy accuracy,
+    consistency) when only the sampled metrics are needed. Returns {"model", "checkpoint", "template",
+    "settings", "tasks": {task: metrics}, "bpb", "speed", "wall_seconds"}; with `out`, also writes
+    OUT/results.json and every sample to OUT/samples.jsonl."""
     from nanoseek import load
     from nanoseek.data.tokenizer import Tokenizer
     from nanoseek.model.hf import resolve_checkpoint
@@ -286,6 +313,7 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
     if not tasks:
         raise ValueError("no tasks given")
     t_start = time.perf_counter()
+    loaded = [load_task(spec, n, seed, difficulty) for spec in tasks if spec not in GAMES]  # bad specs fail first
     ckpt = resolve_checkpoint(model_path)
     if not (ckpt / "tokenizer.json").exists():
         raise FileNotFoundError(f"{ckpt}: no tokenizer.json beside the weights")
@@ -295,7 +323,6 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
     speculative = len(model.mtp) > 0  # greedy passes draft with MTP: same output, and it measures acceptance
     gen = Generator(model, tokenizer, template, batch, max_new_tokens, progress)
 
-    loaded = [load_task(spec, n, seed, difficulty) for spec in tasks if spec not in GAMES]
     results: dict[str, dict[str, Any]] = {}
     samples: list[dict[str, Any]] = []
     for task in loaded:
@@ -305,7 +332,7 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
             results[task.name], records = _choice_task(model, tokenizer, task, batch)
         else:
             results[task.name], records = _generate_task(gen, task, k, temperature, top_p, seed, threshold,
-                                                         speculative)
+                                                         speculative, consistency)
         samples += records
     for name in (s for s in tasks if s in GAMES):
         results[name] = _game(gen, name, games, seed)
@@ -321,7 +348,7 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
         "model": str(model_path), "checkpoint": str(ckpt), "template": template,
         "settings": {"tasks": list(tasks), "k": k, "n": n, "temperature": temperature, "top_p": top_p,
                      "max_new_tokens": max_new_tokens, "difficulty": difficulty, "seed": seed,
-                     "threshold": threshold, "games": games},
+                     "threshold": threshold, "games": games, "consistency": consistency},
         "tasks": results,
         "bpb": bits_per_byte(model, tokenizer, texts) if bpb and texts else None,
         "speed": speed,
@@ -341,15 +368,24 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
 # --- command line -----------------------------------------------------------------------------------------
 
 def format_table(result: dict[str, Any]) -> str:
-    """The results as a small aligned text table, one row per task."""
+    """The results as a small aligned text table, one row per task; a metric with a 95% interval shows it
+    beside the value, e.g. "0.412 [0.371, 0.455]"."""
     cols = ["pass@1", "pass@k", "maj@k", "greedy", "format", "consistency", "hallucination",
-            "hallucination_verified", "abstention", "win_vs_optimal", "win_vs_random", "optimal_move_rate"]
+            "hallucination_verified", "abstention", "win_vs_optimal", "win_vs_random", "forfeit_vs_random",
+            "optimal_move_rate"]
     present = [c for c in cols if any(c in m for m in result["tasks"].values())]
-    width = max(len(t) for t in result["tasks"]) + 2
-    lines = ["task".ljust(width) + "".join(c[:14].rjust(15) for c in present)]
-    for name, m in result["tasks"].items():
-        cells = [f"{m[c]:.3f}" if isinstance(m.get(c), float) else "-" for c in present]
-        lines.append(name.ljust(width) + "".join(s.rjust(15) for s in cells))
+
+    def cell(m: dict[str, Any], c: str) -> str:
+        if not isinstance(m.get(c), float):
+            return "-"
+        ci = m.get(f"{c}_ci")
+        return f"{m[c]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    rows = [[name] + [cell(m, c) for c in present] for name, m in result["tasks"].items()]
+    header = ["task"] + present
+    widths = [max(len(r[i]) for r in rows + [header]) + 2 for i in range(len(header))]
+    lines = ["".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [header] + rows]
     if result["bpb"] is not None:
         lines.append(f"bits per byte (held-out solutions): {result['bpb']:.4f}")
     speed = result["speed"]
@@ -387,19 +423,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from nanoseek.eval.tasks import read_jsonl
 
-    texts = None
-    if args.bpb_file is not None:
-        texts = []
-        for line, r in read_jsonl(args.bpb_file):
-            if not isinstance(r.get("text"), str):
-                raise ValueError(f"{args.bpb_file}:{line}: field 'text' must be a string")
-            texts.append(r["text"])
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     difficulty = args.difficulty[0] if len(args.difficulty) == 1 else args.difficulty
-    result = evaluate(args.model, tasks, args.k, args.n, template=args.template, temperature=args.temperature,
-                      top_p=args.top_p, max_new_tokens=args.max_new_tokens, difficulty=difficulty, seed=args.seed,
-                      threshold=args.threshold, games=args.games, bpb=not args.no_bpb, bpb_texts=texts,
-                      batch=args.batch, out=args.out, progress=not args.no_progress)
+    try:
+        texts = None
+        if args.bpb_file is not None:
+            texts = []
+            for line, r in read_jsonl(args.bpb_file):
+                if not isinstance(r.get("text"), str):
+                    raise ValueError(f"{args.bpb_file}:{line}: field 'text' must be a string")
+                texts.append(r["text"])
+        result = evaluate(args.model, tasks, args.k, args.n, template=args.template, temperature=args.temperature,
+                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, difficulty=difficulty,
+                          seed=args.seed, threshold=args.threshold, games=args.games, bpb=not args.no_bpb,
+                          bpb_texts=texts, batch=args.batch, out=args.out, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:  # bad input (a task too small for --n, a missing file): one line
+        print(f"nanoseek eval: {e}", file=sys.stderr)
+        return 2
     print(f"{result['checkpoint']} ({result['template']} template, k={args.k})")
     print(format_table(result))
     if args.out is not None:

@@ -4,6 +4,9 @@ The sampling protocol is DeepSeek-R1's: draw k completions per problem (temperat
     pass@1  = mean correctness over the k samples (averaged over problems): less noisy than one greedy answer;
     pass@k  = Chen et al. (2021)'s unbiased estimator of "at least one of k samples is right";
     maj@k   = the majority-vote answer is right (R1 calls it cons@k; DeepSeekMath calls it Maj@K).
+Each is a mean over problems, so its 95% interval is a percentile bootstrap over problems (`bootstrap_ci`); two
+models scored on the same problems compare by a paired bootstrap of the per-problem differences
+(`paired_bootstrap_ci`), which cancels the spread of problem difficulty that the two share.
 The functions here are pure: they take answers and correctness flags and know nothing about models, except
 `bits_per_byte`, which scores text with a model's next-token distribution.
 """
@@ -14,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nanoseek.infer.verify import vote
@@ -37,6 +41,59 @@ def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
     if not correct:
         raise ValueError("no problems to average over")
     return sum(pass_at_k(len(row), sum(map(bool, row)), k) for row in correct) / len(correct)
+
+
+def _bounds(stats: np.ndarray, level: float) -> tuple[float, float]:
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _check_level(level: float, n_boot: int) -> None:
+    if not 0.0 < level < 1.0 or n_boot < 1:
+        raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got level={level}, n_boot={n_boot}")
+
+
+def bootstrap_ci(scores: Sequence[float], level: float = 0.95, n_boot: int = 2000, seed: int = 0,
+                 weights: Sequence[float] | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `scores` (one per problem, e.g. its pass@1 = the share of
+    its k samples that are right): resample the problems with replacement `n_boot` times, take the mean of
+    each resample, and return the (1 - level) / 2 and (1 + level) / 2 quantiles of those means.
+
+    With `weights`, the statistic is the weighted mean sum(w * s) / sum(w): a ratio over clusters, e.g. the
+    share of optimal moves with one score per game (its optimal moves / its moves) weighted by its moves, so
+    that games, not the correlated moves inside them, are resampled. When every score is equal the interval
+    collapses to that value: the bootstrap cannot see variation the sample does not show."""
+    _check_level(level, n_boot)
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"need a non-empty list of scores, got shape {x.shape}")
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != x.shape or (w <= 0).any():
+        raise ValueError(f"need one positive weight per score, got {len(w)} weights for {len(x)} scores")
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))  # [n_boot, problems]
+    return _bounds((x * w)[idx].sum(1) / w[idx].sum(1), level)
+
+
+def paired_bootstrap_ci(start: Sequence[float], end: Sequence[float], level: float = 0.95, n_boot: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """Interval of mean(end - start) for two models scored on the same problems (in the same order): the
+    problems are resampled together, i.e. the bootstrap of the per-problem differences."""
+    if len(start) != len(end):
+        raise ValueError(f"paired scores need the same problems, got {len(start)} and {len(end)} scores")
+    return bootstrap_ci([e - s for s, e in zip(start, end, strict=True)], level, n_boot, seed)
+
+
+def stratified_bootstrap_ci(groups: Sequence[Sequence[float]], level: float = 0.95, n_boot: int = 2000,
+                            seed: int = 0) -> tuple[float, float]:
+    """Interval of the mean of group means (e.g. pass@1 averaged over tasks, each task its own problems):
+    each group is resampled within itself, so every resample keeps every task and its size."""
+    _check_level(level, n_boot)
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("need at least one group, each with at least one score")
+    rng = np.random.default_rng(seed)
+    means = [np.asarray(g, dtype=np.float64)[rng.integers(0, len(g), size=(n_boot, len(g)))].mean(1)
+             for g in groups]
+    return _bounds(np.mean(means, axis=0), level)
 
 
 @dataclass

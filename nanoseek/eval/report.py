@@ -3,6 +3,8 @@
     write_report(run_dir, stages=[{"name": "pretrain", "wall_seconds": 312.0}, ...],
                  evals={"base": evaluate(...), "r1_zero": evaluate(...), ...}, config=recipe)
 
+Every pass@1 carries its 95% interval, a percentile bootstrap over problems (nanoseek.eval.metrics); a lift
+is paired: the same problems for both models, the interval that of the mean per-problem difference.
 Everything in the report is read from the run: evaluation results (`evaluate`'s return value, or the
 `results.json` it wrote under RUN/eval/<model>/), each stage's metrics.jsonl (training and validation loss,
 reward, accuracy, completion length, KL, expert loads and MaxVio), and the stage timings. The only constants
@@ -11,11 +13,15 @@ are the paper rows' *reported* figures, each with its source, printed beside wha
 report.json:
     run_dir, created, config, hardware, total_wall_seconds,
     stages: [{name, wall_seconds, ...}],
-    eval:   {model: {task: {"pass@1", "pass@k", "maj@k", "format", ...}}},
-            models base, sft, r1_zero, r1, student (distilled), student_rl (GRPO on the student base),
-    bpb, speed, lift: {"r1_zero_vs_base": {task: Δpass@1, "mean": ...}, "r1_vs_sft": ...},
-    rl_task_lift: {rl stage: {trained_on, start, end, lift}}  (held-out pass@1 on the stage's own task),
+    eval:   {model: {task: {"pass@1", "pass@1_ci", "pass@k", "maj@k", "format", ..., "per_problem"}}}
+            (results.json's task metrics), models base, sft, r1_zero, r1, student (distilled), student_rl (GRPO
+            on the student base),
+    bpb, speed, lift: {"r1_zero_vs_base": {task: Δpass@1, "mean": ..., "mean_ci": [lo, hi]}, "r1_vs_sft": ...},
+    rl_task_lift: {rl stage: {trained_on, start_model, start, end, lift, start_ci, end_ci, lift_ci, n_problems,
+                              k}}  (held-out pass@1 of the start and end models on the stage's own task and
+                              level, paired problem by problem),
     training: {stage: {key: {"first", "last", "steps"}}}, balance: {stage: {...}},
+    warnings: [one line per RL stage with steps that had no learning signal],
     paper_comparison: [{"topic", "paper", "source", "measured"}], plots: [paths relative to run_dir]
 """
 
@@ -33,6 +39,7 @@ from typing import Any
 
 import torch
 
+from nanoseek.eval.metrics import bootstrap_ci, paired_bootstrap_ci, stratified_bootstrap_ci
 from nanoseek.train.metrics import read_metrics
 
 MODELS = ("base", "sft", "r1_zero", "r1", "student", "student_rl")
@@ -54,7 +61,7 @@ CURVES: dict[str, tuple[str, str, str]] = {
 SUMMARY = ("pass@1", "pass@k", "maj@k", "greedy", "format", "consistency", "hallucination",
            "hallucination_verified", "abstention", "unsupported_claims")
 GAME_KEYS = ("win_vs_optimal", "draw_vs_optimal", "win_vs_random", "draw_vs_random", "forfeit_vs_random",
-             "optimal_move_rate")
+             "optimal_move_rate")  # shown with their 95% intervals where the results carry them ("<key>_ci")
 
 
 # --- reading the run --------------------------------------------------------------------------------------
@@ -124,6 +131,21 @@ def training_summary(metrics: dict[str, list[dict[str, Any]]]) -> dict[str, dict
     return out
 
 
+def signal_warnings(metrics: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One line per RL stage with steps that could not learn: GRPO logs `no_signal` (no group with a reward
+    spread, or every completion masked) and `masked_all` (every completion truncated under mask_truncated)."""
+    out = []
+    for stage, records in metrics.items():
+        steps = [r for r in records if "no_signal" in r]
+        idle = sum(r["no_signal"] for r in steps)
+        if idle:
+            masked = sum(r.get("masked_all", 0) for r in steps)
+            why = (f"{masked} had every completion truncated and masked" if masked
+                   else "every group's rewards were equal")
+            out.append(f"{stage}: {idle} of {len(steps)} RL steps had no learning signal ({why}); they changed nothing")
+    return out
+
+
 def max_violation(loads: Sequence[float]) -> float:
     """MaxVio = (max load - mean load) / mean load (Wang et al. 2024): 0 is perfect balance."""
     mean = sum(loads) / len(loads)
@@ -168,30 +190,63 @@ def model_summary(tasks: dict[str, dict[str, Any]]) -> dict[str, float | None]:
             for key in SUMMARY}
 
 
-def lifts(evals: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """pass@1 gained by each RL model over the model it started from, per shared task and on average."""
+def mean_pass1_ci(tasks: dict[str, dict[str, Any]]) -> list[float] | None:
+    """95% interval of a model's pass@1 averaged over its tasks (model_summary's mean): each task's problems
+    resampled within the task. None when a task lacks per-problem scores."""
+    scored = [m for m in tasks.values() if isinstance(m.get("pass@1"), (int, float))]
+    if not scored or any("per_problem" not in m for m in scored):
+        return None
+    return list(stratified_bootstrap_ci([m["per_problem"]["pass@1"] for m in scored]))
+
+
+def _paired(start: dict[str, Any], end: dict[str, Any], task: str) -> tuple[list[float], list[float]]:
+    """Per-problem pass@1 of two models on one task, checked to be the same problems in the same order."""
+    a, b = start[task].get("per_problem"), end[task].get("per_problem")
+    if a is None or b is None:
+        raise ValueError(f"{task}: no per-problem scores to pair (results from before nanoseek wrote them)")
+    if a["ids"] != b["ids"]:
+        raise ValueError(f"{task}: the two models were evaluated on different problems; a paired lift needs the "
+                         f"same task, difficulty, n and seed for both")
+    return a["pass@1"], b["pass@1"]
+
+
+def lifts(evals: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """pass@1 gained by each RL model over the model it started from, per shared task and on average; the
+    average's interval is paired (per-problem differences, resampled within each task)."""
     out = {}
     for start, rl in LIFTS:
         if start in evals and rl in evals:
             shared = [t for t in evals[rl] if "pass@1" in evals[rl][t] and "pass@1" in evals[start].get(t, {})]
             if shared:
                 delta = {t: evals[rl][t]["pass@1"] - evals[start][t]["pass@1"] for t in shared}
-                out[f"{rl}_vs_{start}"] = {**delta, "mean": sum(delta.values()) / len(delta)}
+                entry: dict[str, Any] = {**delta, "mean": sum(delta.values()) / len(delta)}
+                if all("per_problem" in evals[m][t] for m in (start, rl) for t in shared):
+                    pairs = [_paired(evals[start], evals[rl], t) for t in shared]
+                    entry["mean_ci"] = list(stratified_bootstrap_ci([[e - s for s, e in zip(a, b, strict=True)]
+                                                                     for a, b in pairs]))
+                out[f"{rl}_vs_{start}"] = entry
     return out
 
 
-def rl_task_lifts(stages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Held-out pass@1 before and after each RL stage on the task it trained on, as the stage measured it
-    (its own eval split of that task and level, every `eval_every` steps). The eval stage's table averages
-    over every task, most of which an RL stage never saw; this is the number RL is judged on."""
-    out = {}
-    for s in stages:
-        m = s.get("metrics") or {}
-        if "heldout_pass@1_start" in m and "heldout_pass@1_end" in m:
-            out[s["name"]] = {"trained_on": m.get("trained_on", ""), "start": m["heldout_pass@1_start"],
-                              "end": m["heldout_pass@1_end"],
-                              "lift": m["heldout_pass@1_end"] - m["heldout_pass@1_start"]}
-    return out
+def paired_lift(start: dict[str, Any], end: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """Held-out pass@1 of a start and an end model (two `evaluate()` results) on the same problems of
+    `tasks`, pooled over the tasks' problems: each mean with its interval, and the lift with the paired
+    interval of the mean per-problem difference."""
+    pairs = [_paired(start["tasks"], end["tasks"], t) for t in tasks]
+    a = [x for s, _ in pairs for x in s]
+    b = [x for _, e in pairs for x in e]
+    return {"start": sum(a) / len(a), "end": sum(b) / len(b), "lift": (sum(b) - sum(a)) / len(a),
+            "start_ci": list(bootstrap_ci(a)), "end_ci": list(bootstrap_ci(b)),
+            "lift_ci": list(paired_bootstrap_ci(a, b)), "n_problems": len(a), "k": start["settings"]["k"]}
+
+
+def rl_task_lifts(rl: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each RL stage's lift on the task and level it trained on, from the eval stage's paired measurement.
+    `rl`: {stage: {"trained_on", "tasks", "start_model", "start": evaluate() result, "end": ...}}. The
+    eval table averages over every task, most of which an RL stage never saw; this is the number RL is
+    judged on."""
+    return {name: {"trained_on": r["trained_on"], "start_model": r["start_model"],
+                   **paired_lift(r["start"], r["end"], r["tasks"])} for name, r in rl.items()}
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -206,6 +261,18 @@ def _fmt(x: Any, digits: int = 3) -> str:
     if isinstance(x, dict):  # a stage's key metrics: "steps 20, loss 4.887"
         return ", ".join(f"{k} {_fmt(v, digits)}" for k, v in x.items())
     return str(x)
+
+
+def _with_ci(value: Any, ci: Sequence[float] | None) -> str | None:
+    """"0.412 [0.371, 0.455]": a value and its 95% interval (just the value when there is none)."""
+    if not isinstance(value, (int, float)):
+        return None
+    return _fmt(float(value)) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
+def _points(lift: float, ci: Sequence[float] | None) -> str:
+    """A lift in points with its interval: "+4.1 [+1.0, +7.2]"."""
+    return f"{lift * 100:+.1f}" + (f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]" if ci else "")
 
 
 def paper_rows(evals: dict[str, dict[str, dict[str, Any]]], speed: dict[str, dict[str, Any]],
@@ -235,9 +302,11 @@ def paper_rows(evals: dict[str, dict[str, dict[str, Any]]], speed: dict[str, dic
         key = f"{rl}_vs_{start}"
         measured = None
         if key in lift:
-            before = _mean([evals[start][t]["pass@1"] for t in lift[key] if t != "mean"])
+            tasks = [t for t in lift[key] if t not in ("mean", "mean_ci")]
+            before = _mean([evals[start][t]["pass@1"] for t in tasks])
             measured = (f"held-out pass@1 {_fmt(before)} -> {_fmt(before + lift[key]['mean'])} "
-                        f"({lift[key]['mean'] * 100:+.1f} points, mean over {len(lift[key]) - 1} tasks)")
+                        f"({_points(lift[key]['mean'], lift[key].get('mean_ci'))} points, mean over {len(tasks)} "
+                        f"tasks)")
         row(f"{rl} pass@1 lift over {start}", paper, source, measured)
     if "base" in evals and "r1_zero" in evals:
         b, r = model_summary(evals["base"]), model_summary(evals["r1_zero"])
@@ -356,6 +425,36 @@ def plot_pass_at_1(evals: dict[str, dict[str, dict[str, Any]]], out_dir: Path) -
     return path
 
 
+def plot_rl_lift(metrics: dict[str, list[dict[str, Any]]], rl_lift: dict[str, dict[str, Any]],
+                 out_dir: Path) -> Path | None:
+    """One panel per RL stage: held-out pass@1 over RL steps as the stage logged it (its own held-out split),
+    and the eval stage's paired start and end measurements with their 95% intervals at the first and last step."""
+    if not rl_lift:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(rl_lift), figsize=(4.2 * len(rl_lift), 3.6), squeeze=False)
+    for ax, (stage, lift) in zip(axes[0], rl_lift.items(), strict=True):
+        records = metrics.get(stage, [])
+        curve = _series(records, "eval/pass@1")
+        if curve:
+            ax.plot(*zip(*curve, strict=True), marker="o", markersize=3, label="during RL (stage's held-out set)")
+        last = max([r["step"] for r in records if isinstance(r.get("step"), int)], default=1)
+        for x, key, label in ((0, "start", lift["start_model"]), (last, "end", stage)):
+            lo, hi = lift[f"{key}_ci"]
+            ax.errorbar([x], [lift[key]], yerr=[[lift[key] - lo], [hi - lift[key]]], fmt="s", capsize=4,
+                        label=f"{label}: {lift[key]:.3f} ({lift['n_problems']} problems)")
+        ax.set(title=f"{stage}: {lift['trained_on']}, lift {_points(lift['lift'], lift['lift_ci'])}",
+               xlabel="RL step", ylabel="held-out pass@1", ylim=(0, 1))
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "rl_lift.png"
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 # --- markdown ---------------------------------------------------------------------------------------------
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -372,6 +471,7 @@ def render_markdown(report: dict[str, Any]) -> str:
           f"Run directory `{report['run_dir']}`, written {report['created']}. Total wall time "
           f"**{total / 60:.1f} min** on {hw['cpu_count']} CPU cores ({hw['platform']}, torch {hw['torch']}"
           f"{', ' + hw['gpu'] if hw['gpu'] else ''}).", ""]
+    md += [f"**Warning:** {w}" for w in report.get("warnings", [])] + ([""] if report.get("warnings") else [])
     extra = sorted({k for s in report["stages"] for k in s} - {"name", "wall_seconds", "dir"})
     md += ["## Stages", "", _table(["stage", "wall seconds"] + extra,
                                    [[s["name"], f"{s['wall_seconds']:.1f}"] + [s.get(k) for k in extra]
@@ -379,18 +479,29 @@ def render_markdown(report: dict[str, Any]) -> str:
     tasks = sorted({t for m in evals.values() for t, v in m.items() if "pass@1" in v})
     if tasks:
         md += ["## Held-out pass@1 by model", "",
+               "Each cell: pass@1 [95% interval, bootstrap over problems].", "",
                _table(["model"] + tasks + ["mean"],
-                      [[m] + [evals[m].get(t, {}).get("pass@1") for t in tasks]
-                       + [model_summary(evals[m])["pass@1"]] for m in evals]), ""]
+                      [[m] + [_with_ci(evals[m].get(t, {}).get("pass@1"), evals[m].get(t, {}).get("pass@1_ci"))
+                              for t in tasks]
+                       + [_with_ci(model_summary(evals[m])["pass@1"], mean_pass1_ci(evals[m]))] for m in evals]), ""]
         if report["lift"]:
-            md += ["pass@1 lift of RL over its starting model (points): " + "; ".join(
-                f"**{k.replace('_vs_', ' vs ')}** {v['mean'] * 100:+.1f}" for k, v in report["lift"].items()), ""]
-        if report.get("rl_task_lift"):
-            md += ["On the task each RL stage trained on (its held-out split, measured by the stage): " + "; ".join(
-                f"**{k}** ({v['trained_on'] or 'recipe tasks'}) {_fmt(v['start'])} -> {_fmt(v['end'])} "
-                f"({v['lift'] * 100:+.1f} points)" for k, v in report["rl_task_lift"].items()), ""]
+            md += ["pass@1 lift of RL over its starting model, mean over the tasks (points, paired 95% interval): "
+                   + "; ".join(f"**{k.replace('_vs_', ' vs ')}** {_points(v['mean'], v.get('mean_ci'))}"
+                               for k, v in report["lift"].items()), ""]
         if any(Path(p).name == "pass_at_1.png" for p in report["plots"]):
             md += [f"![pass@1]({PLOT_DIR}/pass_at_1.png)", ""]
+    if report.get("rl_task_lift"):
+        md += ["## RL lift on the trained task", "",
+               "Held-out pass@1 of each RL stage's starting and final model on the task and level it trained "
+               "on, the same problems for both (k samples each, T=0.6, top-p 0.95); 95% intervals bootstrap "
+               "the problems, the lift's paired.", "",
+               _table(["RL stage", "trained on", "problems × k", "start model", "start", "end", "lift (points)"],
+                      [[k, v["trained_on"], f"{v['n_problems']} × {v['k']}", v["start_model"],
+                        _with_ci(v["start"], v["start_ci"]), _with_ci(v["end"], v["end_ci"]),
+                        _points(v["lift"], v["lift_ci"])] for k, v in report["rl_task_lift"].items()]), ""]
+        if any(Path(p).name == "rl_lift.png" for p in report["plots"]):
+            md += [f"![RL lift]({PLOT_DIR}/rl_lift.png)", ""]
+    if tasks:
         summaries = {m: model_summary(evals[m]) for m in evals}
         keys = [k for k in SUMMARY if any(s[k] is not None for s in summaries.values())]
         md += ["## All metrics by model (mean over generative tasks)", "",
@@ -398,19 +509,22 @@ def render_markdown(report: dict[str, Any]) -> str:
                "(cons@k); hallucination is a wrong stated answer (one sample), hallucination_verified the same "
                "after the verification loop's vote, which abstains below the agreement threshold.", "",
                _table(["model"] + keys + ["bits/byte", "tokens/s", "latency b1 (s)"],
-                      [[m] + [summaries[m][k] for k in keys]
+                      [[m] + [_with_ci(summaries[m][k], mean_pass1_ci(evals[m])) if k == "pass@1"
+                              else summaries[m][k] for k in keys]
                        + [report["bpb"].get(m), _fmt(report["speed"].get(m, {}).get("tokens_per_s"), 0),
                           _fmt(report["speed"].get(m, {}).get("latency_b1_s"), 2)] for m in evals]), ""]
     games = sorted({t for m in evals.values() for t, v in m.items() if "win_vs_optimal" in v})
     if games:
         md += ["## Games (model vs optimal and random players)", "",
+               "Rates over games [95% interval, bootstrap over games]; a forfeit (no or an illegal move) counts "
+               "as a loss. optimal_move_rate: the share of the model's moves that keep the position's value.", "",
                _table(["model", "game"] + list(GAME_KEYS),
-                      [[m, g] + [evals[m][g].get(k) for k in GAME_KEYS] for m in evals for g in games
-                       if g in evals[m]]), ""]
+                      [[m, g] + [_with_ci(evals[m][g].get(k), evals[m][g].get(f"{k}_ci")) for k in GAME_KEYS]
+                       for m in evals for g in games if g in evals[m]]), ""]
     md += ["## DeepSeek reported vs this run", "",
            _table(["topic", "DeepSeek reported", "this run measured", "source"],
                   [[r["topic"], r["paper"], r["measured"], r["source"]] for r in report["paper_comparison"]]), ""]
-    curves = [p for p in report["plots"] if not Path(p).name.startswith(("expert_load", "pass_at_1"))]
+    curves = [p for p in report["plots"] if not Path(p).name.startswith(("expert_load", "pass_at_1", "rl_lift"))]
     if curves:
         md += ["## Training curves", ""] + [f"![{Path(p).stem}]({p})" for p in curves] + [""]
     if report["balance"]:
@@ -435,12 +549,14 @@ def _write_text(path: Path, text: str) -> None:
 
 def write_report(run_dir: str | Path, stages: Sequence[dict[str, Any]], evals: dict[str, dict[str, Any]] | None = None,
                  config: dict[str, Any] | None = None, stage_dirs: dict[str, str | Path] | None = None,
-                 plots: bool = True) -> dict[str, Any]:
+                 plots: bool = True, rl: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write RUN/report.json, RUN/report.md and RUN/report_plots/*.png; returns the report.
 
     stages: [{"name", "wall_seconds", optional "dir" (where its metrics.jsonl is) and any other fields}], in run
     order; evals: {model name: `evaluate()` result} (None: read RUN/eval/<model>/results.json); config: the
-    recipe; stage_dirs overrides where a stage's metrics.jsonl lives. `plots=False` skips matplotlib."""
+    recipe; stage_dirs overrides where a stage's metrics.jsonl lives. `plots=False` skips matplotlib. rl: each
+    RL stage's paired measurement, {stage: {"trained_on", "tasks", "start_model", "start": evaluate() result
+    of the model it started from, "end": of the model it produced}} on the same problems (see rl_task_lifts)."""
     run_dir = Path(run_dir)
     for i, s in enumerate(stages):
         if not isinstance(s.get("name"), str) or not isinstance(s.get("wall_seconds"), (int, float)):
@@ -451,6 +567,7 @@ def write_report(run_dir: str | Path, stages: Sequence[dict[str, Any]], evals: d
         raise ValueError(f"evaluation results of {missing} have no 'tasks' (expected evaluate()'s return value)")
     order = [m for m in MODELS if m in results] + [m for m in results if m not in MODELS]  # pipeline order
     eval_tasks = {m: results[m]["tasks"] for m in order}
+    rl_lift = rl_task_lifts(rl or {})
     speed = {m: r.get("speed", {}) for m, r in results.items()}
     metrics = stage_metrics(run_dir, stages, stage_dirs)
     training, balance = training_summary(metrics), balance_summary(metrics)
@@ -463,15 +580,17 @@ def write_report(run_dir: str | Path, stages: Sequence[dict[str, Any]], evals: d
         "bpb": {m: r["bpb"] for m, r in results.items() if r.get("bpb") is not None},
         "speed": speed,
         "lift": lifts(eval_tasks),
-        "rl_task_lift": rl_task_lifts(stages),
+        "rl_task_lift": rl_lift,
         "training": training, "balance": balance,
+        "warnings": signal_warnings(metrics),
         "paper_comparison": paper_rows(eval_tasks, speed, training, balance),
         "plots": [],
     }
     if plots:
         out_dir = run_dir / PLOT_DIR
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = [plot_pass_at_1(eval_tasks, out_dir)] + plot_curves(metrics, out_dir)
+        paths = [plot_pass_at_1(eval_tasks, out_dir), plot_rl_lift(metrics, rl_lift, out_dir)]
+        paths += plot_curves(metrics, out_dir)
         paths += [plot_expert_load(stage, records, out_dir) for stage, records in metrics.items()]
         report["plots"] = [str(p.relative_to(run_dir)) for p in paths if p is not None]
     run_dir.mkdir(parents=True, exist_ok=True)

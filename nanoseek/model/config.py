@@ -188,6 +188,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                  n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=2048,
                  initializer_range=SMALL_INIT_STD),
+    # The default run's student for distillation (~0.4M parameters with a 2K vocabulary): half of mini's width.
+    "micro": dict(vocab_size=2048, hidden_size=64, intermediate_size=192, moe_intermediate_size=32,
+                  num_hidden_layers=4, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                  n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=2048,
+                  initializer_range=SMALL_INIT_STD),
     # A bigger CPU run.
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
                   num_hidden_layers=8, num_attention_heads=8, n_routed_experts=32, num_experts_per_tok=4,

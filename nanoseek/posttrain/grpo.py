@@ -16,6 +16,13 @@ refreshed it every 400 steps).
 Metrics per step (metrics.jsonl): reward mean/std overall and per function, accuracy, format rate, completion
 length mean/max, truncated share, clipped fraction, KL, entropy, frac_reward_zero_std, and the time split
 generation / reference / update; held-out pass@1, pass@k and format every `eval_every` steps.
+
+A run that cannot learn says so. A step has no learning signal when no completion that takes gradient has a
+nonzero advantage: every group's rewards were equal, or every completion was masked (`masked_all`: all hit the
+length limit under mask_truncated, as with a base that never writes EOS or `</answer>`). Such a step makes no
+optimizer step (Adam's momentum would otherwise keep moving the weights with no reward behind it); metrics log
+`no_signal`, `masked_all` and `no_signal_streak` (consecutive steps without signal), and stderr warns at the first
+all-masked step and when the streak reaches `no_signal_warn_steps`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -84,9 +92,10 @@ class GRPOConfig:
     difficulty: list[int] = field(default_factory=lambda: [1])
     data: str = ""
     # curriculum: "fixed" trains on tasks × difficulty as given. "auto" first measures the starting model on
-    # training problems of each task at each level and trains on the (task, level) with the most prompts it
-    # sometimes solves and sometimes not, among those whose pass@1 lies in curriculum_band (pick_candidate).
-    # RL sharpens what a model can already sometimes do, so that is where it has something to sharpen.
+    # training problems of each task at each level and trains on the (task, level) with the most headroom above
+    # chance, among those whose pass@1 lies in curriculum_band (pick_candidate): pass@k beyond both pass@1 and
+    # what k blind guesses reach. RL sharpens what a model can already sometimes do, so that is where it has
+    # something to sharpen; a yes/no task's pass@k is reached by guessing, so it shows none.
     curriculum: str = "fixed"
     curriculum_prompts: int = 16
     curriculum_samples: int = 8
@@ -106,6 +115,7 @@ class GRPOConfig:
     dynamic_sampling: bool = True
     max_sampling_rounds: int = 3  # generation rounds per step when dynamic sampling refills dropped groups
     mask_truncated: bool = True  # overlong filtering: truncated completions get no gradient
+    no_signal_warn_steps: int = 10  # warn after this many consecutive steps without learning signal (0: never)
     # objective
     loss_type: str = "dapo"
     scale_rewards: str = "none"  # group | batch | none
@@ -157,6 +167,8 @@ class GRPOConfig:
         for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch", "max_sampling_rounds"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
+        if self.no_signal_warn_steps < 0:
+            raise bad("no_signal_warn_steps", "must be >= 0 (0: never warn)")
         if not 0 <= self.eps_low < 1 or self.eps_high < 0:
             raise bad("eps_low", "need 0 <= eps_low < 1 and eps_high >= 0")
         if not self.rewards:
@@ -171,6 +183,7 @@ class Batch:
     mask: torch.Tensor  # [N, L-1] 1 where ids[:, 1:] is a completion token that takes gradient
     advantages: torch.Tensor  # [N]
     lengths: list[int] = field(default_factory=list)  # real length of each row (non-increasing)
+    signal: bool = True  # some row takes gradient and its group's rewards differ (else the reward loss is 0)
     old_logps: torch.Tensor | None = None  # [N, L-1] under the sampling policy (μ > 1)
     ref_logps: torch.Tensor | None = None  # [N, L-1] under the reference (β > 0)
 
@@ -206,11 +219,28 @@ def eval_prompts(cfg: GRPOConfig, tokenizer) -> list[Prompt]:
 
 
 CURRICULUM_FILE = "curriculum.json"
+CHANCE_PROBLEMS = 256  # training problems per (task, level) whose answers measure what blind guessing reaches
+
+
+def guess_rates(task: str, level: int, k: int, seed: int) -> tuple[float, float]:
+    """What answering without reading the question reaches on a task at a level: (chance, chance@k), the share of
+    CHANCE_PROBLEMS training problems whose answer is the most common answer, or one of the k most common (the
+    best one blind guess, or k, can do). A yes/no task gives about 0.5 and 1.0: two guesses cover both answers."""
+    problems = make_problems(task, CHANCE_PROBLEMS, seed=seed, difficulty=level, split="train")
+    counts = sorted(Counter(p.answer.strip().casefold() for p in problems).values(), reverse=True)
+    return counts[0] / len(problems), sum(counts[:k]) / len(problems)
+
+
+def headroom(row: dict[str, Any]) -> float:
+    """pass@k beyond both pass@1 (what one sample already does) and chance@k (what k blind guesses reach): the
+    part of pass@k that sharpening can turn into pass@1 and that guessing does not explain."""
+    return row["pass@k"] - max(row["pass@1"], row["chance@k"])
 
 
 def measure_candidates(cfg: GRPOConfig, sampler: Sampler, tokenizer) -> list[dict[str, Any]]:
     """pass@1 and pass@k (k = curriculum_samples, at the training temperature) of the starting model on
-    `curriculum_prompts` training problems of every task at every level."""
+    `curriculum_prompts` training problems of every task at every level, beside the chance rates of guessing
+    and the headroom score."""
     k = cfg.curriculum_samples
     table = []
     for task in (t for t, w in cfg.tasks.items() if w > 0):
@@ -220,20 +250,22 @@ def measure_candidates(cfg: GRPOConfig, sampler: Sampler, tokenizer) -> list[dic
             groups = sampler.sample([problem_prompt(tokenizer, p, cfg.template) for p in problems], k,
                                     cfg.temperature, cfg.top_p, seed=cfg.seed + 2)
             right = [[is_correct(s) for s in g] for g in groups]
-            table.append({"task": task, "level": level, "pass@1": sum(map(sum, right)) / (k * len(right)),
-                          "pass@k": sum(map(any, right)) / len(right), "k": k,
-                          "mixed": sum(0 < sum(r) < k for r in right) / len(right)})
+            chance, chance_k = guess_rates(task, level, k, cfg.seed + 3)
+            row = {"task": task, "level": level, "pass@1": sum(map(sum, right)) / (k * len(right)),
+                   "pass@k": sum(map(any, right)) / len(right), "k": k,
+                   "mixed": sum(0 < sum(r) < k for r in right) / len(right), "chance": chance, "chance@k": chance_k}
+            table.append({**row, "score": headroom(row)})
     return table
 
 
 def pick_candidate(table: list[dict[str, Any]], band: list[float], tolerance: float = 0.1) -> dict[str, Any]:
-    """Among rows whose pass@1 lies in the band (all rows if none does), the one with the largest share of
-    "mixed" prompts, sometimes solved and sometimes not: the groups whose rewards differ, the only ones
-    GRPO learns from. Shares within `tolerance` of the best (sampling noise) go to the easier level."""
+    """Among rows whose pass@1 lies in the band (all rows if none does), the one with the most headroom above
+    chance (`headroom`). Scores within `tolerance` of the best (sampling noise) go to the easier level, then to
+    the higher score."""
     lo, hi = band
     pool = [r for r in table if lo <= r["pass@1"] <= hi] or table
-    best = max(r["mixed"] for r in pool)
-    return min((r for r in pool if r["mixed"] >= best - tolerance), key=lambda r: r["level"])
+    best = max(map(headroom, pool))
+    return min((r for r in pool if headroom(r) >= best - tolerance), key=lambda r: (r["level"], -headroom(r)))
 
 
 class GRPOTrainer:
@@ -271,6 +303,8 @@ class GRPOTrainer:
         self.held_out = eval_prompts(cfg, self.tok) if cfg.eval_problems and not cfg.data else []
         self.step = 0
         self.rl_seconds = 0.0
+        self.no_signal_streak = 0  # consecutive steps without learning signal
+        self.warned_masked = False
 
     def auto_curriculum(self) -> dict[str, Any]:
         """The (task, level) to train on: measured once and kept in OUT/curriculum.json, so a resumed run
@@ -283,7 +317,8 @@ class GRPOTrainer:
         choice = {"task": best["task"], "level": best["level"], "band": self.cfg.curriculum_band, "table": table}
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(path, choice)
-        rows = ", ".join(f"{r['task']}/{r['level']} {r['pass@1']:.2f}/{r['pass@k']:.2f}" for r in table)
+        rows = ", ".join(f"{r['task']}/{r['level']} {r['pass@1']:.2f}/{r['pass@k']:.2f} chance {r['chance']:.2f}/"
+                         f"{r['chance@k']:.2f} score {r['score']:+.2f}" for r in table)
         print(f"grpo curriculum: {choice['task']} level {choice['level']} (pass@1/pass@{self.cfg.curriculum_samples}"
               f": {rows})", file=sys.stderr)
         return choice
@@ -297,6 +332,7 @@ class GRPOTrainer:
         per_fn_all: dict[str, list[float]] = {r.name: [] for r in self.rewards}
         totals_all: list[float] = []
         formats: list[float] = []
+        truncated = 0  # over every completion sampled this step, kept or dropped
         first_zero_std = None
         rounds = 0
         while len(kept) < cfg.prompts_per_step and rounds < cfg.max_sampling_rounds:
@@ -307,6 +343,7 @@ class GRPOTrainer:
             groups = self.sampler.sample(prompts, cfg.num_generations, cfg.temperature, cfg.top_p,
                                          seed=self.rng.getrandbits(31))
             flat = [s for g in groups for s in g]
+            truncated += sum(s.truncated for s in flat)
             names = dict.fromkeys(k for s in flat for k in s.prompt.columns)  # tasks differ in their columns
             columns = {k: [s.prompt.columns.get(k) for s in flat] for k in names}
             columns["completion_ids"] = [s.ids for s in flat]
@@ -339,6 +376,8 @@ class GRPOTrainer:
             "completion_length": sum(len(s.ids) for s in samples) / max(1, len(samples)),
             "completion_length_max": max((len(s.ids) for s in samples), default=0),
             "truncated": sum(s.truncated for s in samples) / max(1, len(samples)),
+            # every completion hit the length limit and overlong filtering masks it: nothing to learn from
+            "masked_all": int(cfg.mask_truncated and truncated == len(totals_all) > 0),
         }
         for name, values in per_fn_all.items():
             t = torch.tensor(values)
@@ -352,12 +391,13 @@ class GRPOTrainer:
     def make_batch(self, groups: list[list[Sample]], rewards: list[list[float]]) -> Batch:
         cfg = self.cfg
         flat = [s for g in groups for s in g]
-        advantages, _ = group_advantages(torch.tensor([x for r in rewards for x in r]), cfg.num_generations,
-                                         cfg.scale_rewards)
+        advantages, zero_std = group_advantages(torch.tensor([x for r in rewards for x in r]),
+                                                cfg.num_generations, cfg.scale_rewards)
         # advantages are per group; from here on each row stands alone, so rows go longest first (see chunks)
         rows = [s.prompt.ids + s.ids for s in flat]
         order = sorted(range(len(flat)), key=lambda i: -len(rows[i]))
-        flat, rows, advantages = [flat[i] for i in order], [rows[i] for i in order], advantages[order]
+        flat, rows, advantages, zero_std = [flat[i] for i in order], [rows[i] for i in order], advantages[order], \
+            zero_std[order]
         ids = pad_right(rows, self.tok.pad_id)
         mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
         for i, s in enumerate(flat):
@@ -365,7 +405,9 @@ class GRPOTrainer:
                 continue
             p = len(s.prompt.ids)
             mask[i, p - 1:p - 1 + len(s.ids)] = 1.0  # position t predicts token t+1
-        return Batch(ids.to(self.device), mask.to(self.device), advantages.to(self.device), [len(r) for r in rows])
+        signal = bool((mask.any(1) & ~zero_std).any())
+        return Batch(ids.to(self.device), mask.to(self.device), advantages.to(self.device), [len(r) for r in rows],
+                     signal=signal)
 
     # --- 4. reference and old log-probs ----------------------------------------------------------------------
     @torch.no_grad()
@@ -412,6 +454,24 @@ class GRPOTrainer:
             del sums["kl"]
         return {**sums, "grad_norm": grad_norm}
 
+    def check_signal(self, stats: dict[str, Any], signal: bool) -> dict[str, int]:
+        """Count consecutive steps without learning signal and warn (once per cause) when a run cannot learn."""
+        cfg = self.cfg
+        self.no_signal_streak = 0 if signal else self.no_signal_streak + 1
+        if stats["masked_all"] and not self.warned_masked:
+            self.warned_masked = True
+            print(f"grpo warning: step {self.step}: every completion ran to max_new_tokens={cfg.max_new_tokens} "
+                  f"without EOS or </answer> and mask_truncated masks them all, so nothing is learned; the model "
+                  f"does not stop: raise max_new_tokens or set mask_truncated = false", file=sys.stderr)
+        if cfg.no_signal_warn_steps and self.no_signal_streak == cfg.no_signal_warn_steps:
+            why = ("every completion was truncated and masked" if stats["masked_all"] else
+                   f"every group's completions earned equal rewards (mean {stats['reward']:.2f})")
+            print(f"grpo warning: {self.no_signal_streak} steps in a row without learning signal (to step "
+                  f"{self.step}): {why}, so every advantage is 0 and the policy does not change; give the model "
+                  f"a task it sometimes solves (an easier level, curriculum = \"auto\"), a partial-credit reward, "
+                  f"or more samples per prompt", file=sys.stderr)
+        return {"no_signal": int(not signal), "no_signal_streak": self.no_signal_streak}
+
     # --- evaluation, checkpoints, the loop -------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         cfg = self.cfg
@@ -429,7 +489,8 @@ class GRPOTrainer:
             extra.append(path)
         if (self.out / CURRICULUM_FILE).exists():  # the checkpoint says which task and level it was trained on
             extra.append(self.out / CURRICULUM_FILE)
-        state = {"rl_seconds": self.rl_seconds, "prompts_used": self.prompts_used, "rng": self.rng.getstate()}
+        state = {"rl_seconds": self.rl_seconds, "prompts_used": self.prompts_used, "rng": self.rng.getstate(),
+                 "no_signal_streak": self.no_signal_streak}
         return save_stage(self.out, self.step, self.model, self.optimizer, self.section, self.recipe,
                           self.policy.checkpoint, state, self.cfg.keep_checkpoints, last, extra)
 
@@ -444,6 +505,7 @@ class GRPOTrainer:
             next(self.prompts)
         self.prompts_used = state["prompts_used"]
         self.rng.setstate(state["rng"])
+        self.no_signal_streak = state.get("no_signal_streak", 0)
         return True
 
     def train(self, resume: bool = False) -> Path:
@@ -468,8 +530,10 @@ class GRPOTrainer:
                 lr = cfg.lr * lr_multiplier(self.step, cfg.max_steps, cfg.warmup_steps, "cosine", 1.0, 1.0)
                 update: dict[str, float] = {}
                 t2 = t3 = t1
-                if groups:
-                    batch = self.make_batch(groups, rewards)
+                batch = self.make_batch(groups, rewards) if groups else None
+                # no signal, no step: zero gradients would still move the weights by Adam's momentum (with β > 0
+                # the KL term alone still pulls toward the reference)
+                if batch is not None and (batch.signal or (cfg.beta and batch.mask.any())):
                     if cfg.mu > 1:
                         batch.old_logps = self.logps(self.model.eval(), batch)
                     if self.ref is not None:
@@ -479,7 +543,8 @@ class GRPOTrainer:
                     t3 = time.perf_counter()
                 self.step += 1
                 self.rl_seconds += t3 - t0
-                last = {"step": self.step, **stats, **update, "lr": lr, "time/generation": t1 - t0,
+                health = self.check_signal(stats, batch is not None and batch.signal)
+                last = {"step": self.step, **stats, **health, **update, "lr": lr, "time/generation": t1 - t0,
                         "time/reference": t2 - t1, "time/update": t3 - t2, "time/rl_total": self.rl_seconds}
                 out_of_time = 0 < cfg.time_budget_s <= self.rl_seconds
                 done = self.step == cfg.max_steps or out_of_time

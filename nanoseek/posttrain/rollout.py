@@ -62,7 +62,7 @@ def render(tokenizer: Tokenizer, question: str, template: str) -> tuple[list[int
 
 def problem_prompt(tokenizer: Tokenizer, problem: Problem, template: str) -> Prompt:
     ids, prefill = render(tokenizer, problem.question, template)
-    columns = {k: v for k, v in problem.to_dict().items() if k not in ("paraphrases", "solution", "id")}
+    columns = {k: v for k, v in problem.to_dict().items() if k not in ("paraphrases", "id")}
     return Prompt(ids, prefill, columns, problem)
 
 
@@ -78,7 +78,7 @@ def record_prompt(tokenizer: Tokenizer, record: dict[str, Any], template: str, w
         ids, prefill = tokenizer.encode(question, bos=True), ""  # an rl.jsonl 'prompt' is already rendered
     else:
         ids, prefill = render(tokenizer, question, template)
-    columns = {k: v for k, v in record.items() if k not in ("paraphrases", "solution", "id")}
+    columns = {k: v for k, v in record.items() if k not in ("paraphrases", "id")}
     columns["question"] = record.get("question", question)
     return Prompt(ids, prefill, columns)
 

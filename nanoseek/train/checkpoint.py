@@ -5,7 +5,7 @@
         nanoseek.json                    recipe, stage, step, metrics summary
         tokenizer files                  copied from the data stage, so the directory stands alone
         trainer_state.pt                 step, data-loader positions, RNG states, counters (no tensors of size)
-        optimizer.pt                     single process: AdamW moments keyed by parameter name
+        optimizer.pt                     single process: AdamW moments (+ Muon momenta) keyed by parameter name
         dcp/                             several processes: model + optimizer via torch.distributed.checkpoint
 
 A single-process checkpoint resumes under torchrun and a distributed one resumes on any number of processes
@@ -32,6 +32,7 @@ STATE_FILE = "trainer_state.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 DCP_DIR = "dcp"
 _NAME = re.compile(r"^step_(\d+)$")
+Optimizers = torch.optim.Optimizer | list[torch.optim.Optimizer]  # torch's state-dict helpers take either
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -59,13 +60,14 @@ def checkpoint_step(path: str | Path) -> int:
     return int(m.group(1))
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, optimizer: Optimizers,
                     state: dict[str, Any], rank_state: dict[str, Any], par: Parallel, keep: int = 3,
                     json_files: dict[str, dict] | None = None, copy_files: list[Path] | None = None) -> Path:
     """Write checkpoint `step` atomically; every process must call it. Returns the final directory.
 
     state: picklable-by-torch trainer state shared by all ranks; rank_state: this rank's own (data position,
-    RNG). `model` is the unwrapped model (not the DDP wrapper).
+    RNG). `model` is the unwrapped model (not the DDP wrapper). `optimizer`: one, or a list whose states are
+    stored together, keyed by parameter name.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp_{final.name}")
@@ -123,15 +125,24 @@ def _export_model(model: Transformer, full: dict[str, torch.Tensor] | None, out:
     plain.save_pretrained(out)
 
 
-def load_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim.Optimizer,
-                    par: Parallel) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def load_checkpoint(path: str | Path, model: Transformer, optimizer: Optimizers, par: Parallel,
+                    expect: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Restore model and optimizer in place (every process calls it). Returns (state, this rank's rank_state),
-    the latter None when the checkpoint was written by a different number of processes."""
+    the latter None when the checkpoint was written by a different number of processes.
+
+    expect: trainer-state fields that must match this run's (e.g. the optimizer, whose state would not fit);
+    a field the checkpoint lacks is not checked.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path}: no {STATE_FILE}; not a resumable training checkpoint")
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    for key, value in (expect or {}).items():
+        if state.get(key, value) != value:
+            raise ValueError(f"{path}: saved with {key}={state[key]!r}, this run has {key}={value!r}; resume "
+                             f"with the same {key}")
     if (path / DCP_DIR).is_dir():
         import torch.distributed.checkpoint as dcp
 
@@ -147,7 +158,6 @@ def load_checkpoint(path: str | Path, model: Transformer, optimizer: torch.optim
         options = StateDictOptions(full_state_dict=True, strict=True)
         set_state_dict(model, optimizer, model_state_dict=local_experts(weights, par),
                        optim_state_dict=local_experts(optim, par), options=options)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     ranks = state.pop("ranks")
     mine = ranks[par.rank] if state["world_size"] == par.world_size else None
     return state, mine

@@ -10,9 +10,10 @@ the processes, so W processes see exactly the rows one process would in each ste
 checkpoint is the same for any W.
 
 A step: forward with MTP and routing statistics -> L = CE + λ·MTP + α·balance -> backward (accumulated) ->
-global grad norm, clip -> AdamW -> aux-loss-free bias update from expert loads summed over all processes.
+global grad norm, clip -> AdamW (or Muon + AdamW) -> aux-loss-free bias update from expert loads summed over all
+processes.
 A non-finite loss or gradient norm skips the update; `max_bad_steps` in a row stop the run with the last good
-checkpoint left in place. SIGTERM/SIGINT finish the current step, save, and exit.
+checkpoint left in place. SIGTERM/SIGINT finish the current step, save, and exit; so does `time_budget_s`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from nanoseek.train.fp8 import convert_to_float8
 from nanoseek.train.metrics import MetricsWriter, matmul_peak_flops, mfu, plot_metrics
 from nanoseek.train.objectives import bias_rate_at, mtp_accuracy, mtp_lambda_at, pretrain_loss
-from nanoseek.train.optim import build_optimizer, lr_multiplier, set_lr
+from nanoseek.train.optim import OPTIMIZERS, build_muon, build_optimizer, lr_multiplier, set_lr
 from nanoseek.train.parallelize import (
     Parallel,
     clip_grad_norm,
@@ -71,6 +72,13 @@ class PretrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # optimizer: "adamw", or "muon" (Muon on the hidden matrices, AdamW at `lr` on the rest; see train/optim.py)
+    optimizer: str = "adamw"
+    muon_lr: float = 0.0  # Muon's peak lr, on the same schedule (0: `lr`, which match_rms_adamw carries over)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw (AdamW's lr scale) | original (Keller Jordan's)
+    muon_experts: bool = True  # Muon per routed-expert matrix too (False: the experts stay on AdamW)
     # objective: MTP weight λ (start until mtp_lambda_switch × max_steps, then final), balance loss α
     mtp_lambda: float = 0.3
     mtp_lambda_final: float = 0.1
@@ -89,6 +97,7 @@ class PretrainConfig:
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
+    time_budget_s: float = 0.0  # stop (validate, save) once training steps took this many seconds; 0: no limit
     compile: bool = False  # torch.compile the model (~1.2x on CPU after a compile of a minute or more)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads per process (0: torch's default)
@@ -110,6 +119,12 @@ class PretrainConfig:
             raise bad("fp8", "expected '', 'blockwise' or 'rowwise'")
         if not 0 <= self.decay_start <= 1:
             raise bad("decay_start", "must be a fraction in [0, 1]")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"expected one of {OPTIMIZERS}")
+        if self.muon_adjust_lr not in ("match_rms_adamw", "original"):
+            raise bad("muon_adjust_lr", "expected 'match_rms_adamw' or 'original'")
+        if self.muon_lr < 0 or self.time_budget_s < 0:
+            raise bad("muon_lr" if self.muon_lr < 0 else "time_budget_s", "must be >= 0")
 
     def accumulation(self, world_size: int) -> int:
         per_step = self.micro_batch * self.seq_len * world_size
@@ -212,8 +227,8 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 \
             else contextlib.nullcontext
         self.foreach = not (par.mode == "fsdp" and par.ep > 1)
-        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                         foreach=self.foreach)
+        self.optimizers = self.build_optimizers()
+        self.peak_lrs = [cfg.lr, cfg.muon_lr or cfg.lr][:len(self.optimizers)]  # AdamW's, then Muon's if any
         # one global stream of rows; this rank takes every world_size-th (see module docstring)
         self.loader = TokenLoader(self.tokens_dir, "train", cfg.seq_len, cfg.micro_batch, par.rank,
                                   par.world_size, seed=cfg.seed)
@@ -222,18 +237,32 @@ class Trainer:
         if cfg.fp8 and self.device.type == "cuda":
             gemm_dtype = torch.float8_e4m3fn
         self.peak = matmul_peak_flops(self.device, gemm_dtype)
-        self.step, self.bad_steps, self.tokens_seen = 0, 0, 0
+        self.step, self.bad_steps, self.tokens_seen, self.train_seconds = 0, 0, 0, 0.0
         self.last_val: dict[str, Any] = {}
         self.stop_signal: int | None = None
+
+    def build_optimizers(self) -> list[torch.optim.Optimizer]:
+        """[AdamW] or [AdamW, Muon]: every step sets their lrs, steps and saves them together."""
+        cfg = self.cfg
+        betas = (cfg.beta1, cfg.beta2)
+        if cfg.optimizer == "adamw":
+            return [build_optimizer(self.model, cfg.lr, cfg.weight_decay, betas, foreach=self.foreach)]
+        if self.par.mode == "fsdp":
+            raise ValueError("[pretrain] optimizer='muon' does not run under --parallel fsdp: Muon orthogonalises "
+                             "whole matrices and FSDP shards them across processes; use --parallel ddp")
+        return build_muon(self.model, cfg.lr, cfg.muon_lr or cfg.lr, cfg.weight_decay, betas, cfg.muon_momentum,
+                          cfg.muon_nesterov, cfg.muon_adjust_lr, cfg.muon_experts, self.foreach)
 
     # --- one optimiser step ------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         cfg, par, step = self.cfg, self.par, self.step
-        lr = cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.decay_start,
-                                    cfg.final_lr_ratio)
+        multiplier = lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.decay_start,
+                                   cfg.final_lr_ratio)
+        lr = cfg.lr * multiplier
         lam = mtp_lambda_at(step, cfg.max_steps, cfg.mtp_lambda, cfg.mtp_lambda_final, cfg.mtp_lambda_switch)
         gamma = bias_rate_at(step, cfg.max_steps, cfg.bias_update_rate, cfg.bias_update_stop)
-        set_lr(self.optimizer, lr)
+        for opt, peak in zip(self.optimizers, self.peak_lrs, strict=True):
+            set_lr(opt, peak * multiplier)
         t0 = time.perf_counter()
         parts = torch.zeros(3, dtype=torch.float64, device=self.device)  # ce, mtp, balance
         counts = None
@@ -255,16 +284,19 @@ class Trainer:
         grad_norm = clip_grad_norm(self.model, cfg.grad_clip, par)
         finite = bool(torch.isfinite(parts).all()) and bool(torch.isfinite(grad_norm))
         if finite:
-            self.optimizer.step()
+            for opt in self.optimizers:
+                opt.step()
             if counts is not None and gamma > 0:
                 update_bias(self.model, counts, gamma)
             self.bad_steps = 0
         else:
             self.bad_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
+        self.train_seconds += elapsed
         self.step += 1
         self.tokens_seen += cfg.global_batch_tokens
         tps = cfg.global_batch_tokens / elapsed
@@ -339,11 +371,12 @@ class Trainer:
     def save(self) -> Path:
         rank_state = {"rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
                       "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        state = {"loader": self.loader.state_dict(), "bad_steps": self.bad_steps, "tokens_seen": self.tokens_seen}
+        state = {"loader": self.loader.state_dict(), "bad_steps": self.bad_steps, "tokens_seen": self.tokens_seen,
+                 "train_seconds": self.train_seconds, "optimizer": self.cfg.optimizer}
         summary = {"stage": "pretrain", "step": self.step, "recipe": self.recipe,
                    "metrics": {"tokens_seen": self.tokens_seen, **self.last_val}}
         copy = [p for p in sorted(self.tokenizer_dir.iterdir()) if p.is_file()]
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, rank_state, self.par,
+        return save_checkpoint(self.out, self.step, self.model, self.optimizers, state, rank_state, self.par,
                                keep=self.cfg.keep_checkpoints, json_files={"nanoseek.json": summary},
                                copy_files=copy)
 
@@ -351,10 +384,12 @@ class Trainer:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             return None
-        state, mine = load_checkpoint(ckpt, self.model, self.optimizer, self.par)
-        for group in self.optimizer.param_groups:  # the saved flag reflects the saving run's layout
+        state, mine = load_checkpoint(ckpt, self.model, self.optimizers, self.par,
+                                      expect={"optimizer": self.cfg.optimizer})
+        for group in self.optimizers[0].param_groups:  # AdamW's saved flag reflects the saving run's layout
             group["foreach"] = self.foreach
         self.step, self.bad_steps, self.tokens_seen = state["step"], state["bad_steps"], state["tokens_seen"]
+        self.train_seconds = state.get("train_seconds", 0.0)  # absent from checkpoints before time_budget_s
         self.loader.load_state_dict(state["loader"])
         if mine is not None:  # same process count: continue every random stream exactly
             torch.set_rng_state(mine["rng_torch"])
@@ -384,9 +419,10 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (par.is_main and self.progress),
                    desc="pretrain", unit="step", dynamic_ncols=True)
         last_ckpt = resumed
+        out_of_time = self._out_of_time()
         with _stop_on_signals(self):
             try:
-                while self.step < cfg.max_steps:
+                while self.step < cfg.max_steps and not out_of_time:
                     record = self.train_step()
                     if writer:
                         writer.write(record)
@@ -402,7 +438,11 @@ class Trainer:
                     else:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     bar.update(1)
-                    done = self.step == cfg.max_steps
+                    out_of_time = self._out_of_time()
+                    done = self.step == cfg.max_steps or out_of_time
+                    if out_of_time and par.is_main:
+                        tqdm.write(f"pretrain: time budget of {cfg.time_budget_s:g}s reached at step {self.step}",
+                                   file=sys.stderr)
                     if done or (cfg.val_every and self.step % cfg.val_every == 0):
                         self.last_val = self.evaluate()
                         if writer:
@@ -416,11 +456,19 @@ class Trainer:
                 bar.close()
                 if writer:
                     writer.close()
-        if last_ckpt is None:  # resumed at max_steps: nothing left to do
+        if last_ckpt is None:  # resumed at max_steps or out of time: nothing left to do
             last_ckpt = latest_checkpoint(self.out)
         if par.is_main and cfg.plots:
             plot_metrics(metrics_path, self.out / "plots")
         return last_ckpt
+
+    def _out_of_time(self) -> bool:
+        """Whether training steps have used `time_budget_s` (the slowest process's clock, so all agree)."""
+        if not self.cfg.time_budget_s:
+            return False
+        spent = torch.tensor([self.train_seconds], dtype=torch.float64, device=self.device)
+        self.par.all_reduce(spent, torch.distributed.ReduceOp.MAX)
+        return spent.item() >= self.cfg.time_budget_s
 
     def _stopping(self) -> bool:
         """Whether any process received SIGTERM/SIGINT (all processes must agree to save together)."""

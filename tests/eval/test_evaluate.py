@@ -39,6 +39,12 @@ def test_result_structure(result):
     assert nim["games"] == 2
     for opp in ("optimal", "random"):
         assert nim[f"win_vs_{opp}"] + nim[f"draw_vs_{opp}"] + nim[f"loss_vs_{opp}"] == pytest.approx(1.0)
+        for key in ("win", "forfeit"):
+            lo, hi = nim[f"{key}_vs_{opp}_ci"]
+            assert 0.0 <= lo <= nim[f"{key}_vs_{opp}"] <= hi <= 1.0
+    assert nim["moves"] >= 4  # at least one move per game, two matches of two games
+    lo, hi = nim["optimal_move_rate_ci"]
+    assert 0.0 <= lo <= nim["optimal_move_rate"] <= hi <= 1.0
     assert math.isfinite(r["bpb"]) and r["bpb"] > 0
     assert r["speed"]["tokens_per_s"] > 0 and r["speed"]["latency_b1_s"] > 0
     assert 0.0 <= r["speed"]["mtp_acceptance"] <= 1.0  # the debug preset has an MTP module
@@ -52,9 +58,19 @@ def test_results_and_samples_are_written(result):
     assert len(generated) == 2 * 2 * 2  # tasks × problems × samples
     assert all(set(x) >= {"id", "sample", "completion", "answer", "gold", "correct"} for x in generated)
     assert len([x for x in records if x["task"] == "arithmetic_mc"]) == 2
-    # pass@1 is the mean correctness of the written samples
-    arith = [x["correct"] for x in generated if x["task"] == "arithmetic"]
-    assert r["tasks"]["arithmetic"]["pass@1"] == pytest.approx(sum(arith) / len(arith))
+    # pass@1 is the mean correctness of the written samples; per problem, the mean of its k samples
+    arith = [x for x in generated if x["task"] == "arithmetic"]
+    m = r["tasks"]["arithmetic"]
+    assert m["pass@1"] == pytest.approx(sum(x["correct"] for x in arith) / len(arith))
+    ids = list(dict.fromkeys(x["id"] for x in arith))
+    assert m["per_problem"]["ids"] == ids
+    assert m["per_problem"]["pass@1"] == pytest.approx(
+        [sum(x["correct"] for x in arith if x["id"] == i) / 2 for i in ids])
+    for name in ("arithmetic", "multihop", "arithmetic_mc"):
+        m = r["tasks"][name]
+        lo, hi = m["pass@1_ci"]
+        assert 0.0 <= lo <= m["pass@1"] <= hi <= 1.0
+        assert len(m["per_problem"]["ids"]) == len(m["per_problem"]["pass@1"]) == m["n"]
 
 
 def test_multiple_choice_scores_match_one_option_at_a_time(checkpoint):
@@ -123,3 +139,32 @@ def test_command_line(checkpoint, tmp_path, capsys):
     assert "chat template" in printed and "logic" in printed and "pass@1" in printed
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["bpb"] is None and set(saved["tasks"]) == {"logic"} and saved["template"] == "chat"
+
+
+def test_format_table_shows_intervals():
+    from nanoseek.eval.evaluate import format_table
+
+    result = {"tasks": {"arithmetic": {"pass@1": 0.412, "pass@1_ci": [0.371, 0.455], "maj@k": 0.5},
+                        "nim": {"win_vs_random": 0.6, "win_vs_random_ci": [0.3, 0.9], "forfeit_vs_random": 0.1,
+                                "optimal_move_rate": 0.25}},
+              "bpb": None, "speed": {}}
+    lines = format_table(result).splitlines()
+    assert lines[0].split() == ["task", "pass@1", "maj@k", "win_vs_random", "forfeit_vs_random", "optimal_move_rate"]
+    assert "0.412 [0.371, 0.455]" in lines[1] and "0.600 [0.300, 0.900]" in lines[2]
+    assert len({len(x) for x in lines}) == 1  # aligned
+
+
+def test_paired_models_see_the_same_problems_and_too_few_problems_fail_in_one_line(checkpoint, tmp_path, capsys):
+    a = evaluate(checkpoint, ["logic"], k=2, n=3, max_new_tokens=4, seed=7, consistency=False, bpb=False,
+                 progress=False)
+    b = evaluate(checkpoint, ["logic"], k=2, n=3, max_new_tokens=4, seed=7, template="chat", bpb=False,
+                 progress=False)
+    assert a["tasks"]["logic"]["per_problem"]["ids"] == b["tasks"]["logic"]["per_problem"]["ids"]
+    assert "consistency" not in a["tasks"]["logic"] and "consistency" in b["tasks"]["logic"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(checkpoint), "--tasks", "arithmetic", "--difficulty", "1", "--n",
+                              "100000", "--no-progress"])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nanoseek eval: arithmetic: only ") and "Traceback" not in err

@@ -160,3 +160,15 @@ def test_parse_move(game, text, move):
 def test_describe_shows_free_cells():
     text = TicTacToe().describe("X...O....")
     assert "You are X" in text and "X 2 3 / 4 O 6 / 7 8 9" in text
+
+
+def test_match_reports_each_game_for_intervals():
+    nim = Nim()
+    half = text_player(nim, lambda qs: ["<answer>\n9 9\n</answer>"] * len(qs))  # always illegal
+    r = play_match(nim, half, random_player(nim, seed=3), n=6, seed=1)
+    assert r["outcomes"] == ["forfeit"] * 6 and r["moves"] == [1] * 6 and r["optimal_moves"] == [0] * 6
+    r = play_match(nim, optimal_player(nim), random_player(nim, seed=3), n=12, seed=1)
+    assert len(r["outcomes"]) == 12 and set(r["outcomes"]) <= {"win", "loss", "draw", "forfeit"}
+    assert r["win"] == pytest.approx(r["outcomes"].count("win") / 12)
+    assert r["optimal_move_rate"] == pytest.approx(sum(r["optimal_moves"]) / sum(r["moves"]))
+    assert all(m >= 1 for m in r["moves"])

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -9,13 +10,16 @@ import torch
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.eval.metrics import (
     bits_per_byte,
+    bootstrap_ci,
     consistency,
     format_rate,
     hallucination,
     majority_vote,
     mean_pass_at_k,
+    paired_bootstrap_ci,
     pass_at_k,
     same_answer,
+    stratified_bootstrap_ci,
 )
 from nanoseek.infer.verify import vote as verify_vote
 from nanoseek.model.hf import load
@@ -133,3 +137,78 @@ def test_bits_per_byte_of_a_uniform_model(checkpoint):
     assert bits_per_byte(model, tok, texts) == pytest.approx(expected, rel=1e-5)
     # windows shorter than a text restart from BOS but still score every token exactly once
     assert bits_per_byte(model, tok, texts, max_len=5) == pytest.approx(expected, rel=1e-5)
+
+
+# --- bootstrap intervals ------------------------------------------------------------------------------------
+
+def test_bootstrap_matches_the_exact_bootstrap_distribution():
+    """For 5 problems, all 5^5 equally likely resamples give the exact bootstrap distribution of the mean: the
+    sampled interval's ends must sit at its quantiles."""
+    scores = [0.0, 0.25, 0.5, 1.0, 1.0]
+    means = sorted(sum(scores[i] for i in r) / 5 for r in itertools.product(range(5), repeat=5))
+    exact = (means[int(0.025 * len(means))], means[int(0.975 * len(means))])
+    lo, hi = bootstrap_ci(scores, n_boot=200_000, seed=1)
+    assert lo == pytest.approx(exact[0], abs=0.03) and hi == pytest.approx(exact[1], abs=0.03)
+    assert lo < sum(scores) / 5 < hi
+
+
+def test_bootstrap_agrees_with_the_normal_approximation_on_a_large_sample():
+    rng = random.Random(0)
+    scores = [rng.randint(0, 4) / 4 for _ in range(3000)]  # pass@1 of k=4 samples per problem
+    mean = sum(scores) / len(scores)
+    half = 1.96 * math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1) / len(scores))
+    lo, hi = bootstrap_ci(scores, n_boot=4000)
+    assert lo == pytest.approx(mean - half, abs=0.1 * half) and hi == pytest.approx(mean + half, abs=0.1 * half)
+    assert bootstrap_ci(scores, level=0.5, n_boot=4000)[1] - bootstrap_ci(scores, level=0.5, n_boot=4000)[0] \
+        == pytest.approx(2 * 0.674 * half / 1.96, rel=0.1)
+
+
+def test_bootstrap_is_seeded_and_degenerate_samples_collapse():
+    scores = [0.0, 1.0, 0.5, 0.75]
+    assert bootstrap_ci(scores, seed=3) == bootstrap_ci(scores, seed=3)
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5)
+    assert bootstrap_ci([0.3]) == pytest.approx((0.3, 0.3))
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_ci(scores, level=95)
+
+
+def test_weighted_bootstrap_is_a_ratio_over_clusters():
+    # equal weights: the plain mean's interval; moves per game as weights: the pooled share of optimal moves
+    scores = [0.0, 1.0, 0.5, 0.25, 1.0]
+    assert bootstrap_ci(scores, weights=[2.0] * 5) == pytest.approx(bootstrap_ci(scores))
+    rng = random.Random(1)
+    moves = [rng.randint(1, 6) for _ in range(2000)]
+    kept = [sum(rng.random() < 0.7 for _ in range(m)) for m in moves]
+    lo, hi = bootstrap_ci([k / m for k, m in zip(kept, moves, strict=True)], weights=moves)
+    assert lo < sum(kept) / sum(moves) < hi and hi - lo < 0.05
+    with pytest.raises(ValueError, match="positive weight"):
+        bootstrap_ci(scores, weights=[1, 1, 0, 1, 1])
+
+
+def test_paired_bootstrap_cancels_what_both_models_share():
+    rng = random.Random(2)
+    difficulty = [rng.random() for _ in range(256)]  # problems vary a lot; the end model adds 0.05 to each
+    start = [min(1.0, d) for d in difficulty]
+    end = [min(1.0, d + 0.05) for d in difficulty]
+    lo, hi = paired_bootstrap_ci(start, end)
+    assert 0.0 < lo <= hi < 0.06
+    # unpaired, the same data cannot even tell the sign of the lift
+    assert bootstrap_ci(end)[0] < bootstrap_ci(start)[1]
+    diffs = [e - s for s, e in zip(start, end, strict=True)]
+    assert paired_bootstrap_ci(start, end, seed=5) == bootstrap_ci(diffs, seed=5)
+    assert paired_bootstrap_ci([0.0, 0.5], [0.25, 0.75]) == pytest.approx((0.25, 0.25))
+    with pytest.raises(ValueError, match="same problems"):
+        paired_bootstrap_ci([0.0, 1.0], [1.0])
+
+
+def test_stratified_bootstrap_keeps_each_group():
+    # one group: the plain bootstrap; a constant group adds no width; group sizes do not weight the mean
+    a = [0.0, 1.0, 1.0, 0.5, 0.25, 0.0]
+    assert stratified_bootstrap_ci([a], seed=4) == pytest.approx(bootstrap_ci(a, seed=4))
+    lo, hi = stratified_bootstrap_ci([a, [1.0] * 50])
+    a_lo, a_hi = bootstrap_ci(a)
+    assert lo == pytest.approx((a_lo + 1) / 2, abs=0.03) and hi == pytest.approx((a_hi + 1) / 2, abs=0.03)
+    with pytest.raises(ValueError, match="at least one"):
+        stratified_bootstrap_ci([a, []])

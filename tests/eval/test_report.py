@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from nanoseek.eval.metrics import bootstrap_ci, paired_bootstrap_ci, stratified_bootstrap_ci
 from nanoseek.eval.report import MODELS, max_violation, write_report
 
 TASKS = ("arithmetic", "logic")
@@ -15,18 +16,28 @@ def write_metrics(path: Path, records: list[dict]) -> None:
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def scores(p: float) -> list[float]:
+    """20 problems' pass@1 with mean p: the first round(20 p) solved, the rest not."""
+    return [1.0] * round(20 * p) + [0.0] * (20 - round(20 * p))
+
+
 def eval_result(pass1: dict[str, float], bpb: float, acceptance: float | None = None) -> dict:
     """The shape `evaluate()` returns (only the parts the report reads)."""
-    tasks = {t: {"n": 10, "k": 4, "pass@1": p, "pass@k": min(1.0, p + 0.2), "maj@k": p, "format": 0.9,
+    tasks = {t: {"n": 20, "k": 4, "pass@1": p, "pass@1_ci": list(bootstrap_ci(scores(p))),
+                 "pass@k": min(1.0, p + 0.2), "maj@k": p, "format": 0.9,
                  "hallucination": 0.1, "hallucination_verified": 0.05, "abstention": 0.2, "greedy": p,
-                 "consistency": 0.8} for t, p in pass1.items()}
+                 "consistency": 0.8, "per_problem": {"ids": [f"{t}-{i}" for i in range(20)], "pass@1": scores(p)}}
+             for t, p in pass1.items()}
     tasks["nim"] = {"games": 4, "win_vs_optimal": 0.25, "draw_vs_optimal": 0.0, "loss_vs_optimal": 0.75,
-                    "forfeit_vs_optimal": 0.5, "win_vs_random": 0.5, "draw_vs_random": 0.0,
-                    "loss_vs_random": 0.5, "forfeit_vs_random": 0.25, "optimal_move_rate": 0.4}
+                    "forfeit_vs_optimal": 0.5, "win_vs_random": 0.5, "win_vs_random_ci": [0.0, 1.0],
+                    "draw_vs_random": 0.0, "loss_vs_random": 0.5, "forfeit_vs_random": 0.25,
+                    "forfeit_vs_random_ci": [0.0, 0.75], "optimal_move_rate": 0.4,
+                    "optimal_move_rate_ci": [0.2, 0.6]}
     speed = {"tokens_per_s": 1000.0, "latency_b1_s": 0.5, "tokens_per_s_b1": 80.0}
     if acceptance is not None:
         speed["mtp_acceptance"] = acceptance
-    return {"model": "x", "checkpoint": "x", "template": "chat", "tasks": tasks, "bpb": bpb, "speed": speed}
+    return {"model": "x", "checkpoint": "x", "template": "chat", "settings": {"k": 4}, "tasks": tasks, "bpb": bpb,
+            "speed": speed}
 
 
 @pytest.fixture
@@ -54,8 +65,8 @@ STAGES = [{"name": "pretrain", "wall_seconds": 100.0, "steps": 20},
           {"name": "r1_zero", "wall_seconds": 60.0, "dir": "grpo_zero"},
           {"name": "r1", "wall_seconds": 50.0},  # no metrics.jsonl: must simply be skipped
           {"name": "distill", "wall_seconds": 30.0},
-          {"name": "student_rl", "wall_seconds": 30.0,
-           "metrics": {"heldout_pass@1_start": 0.25, "heldout_pass@1_end": 0.5, "trained_on": "arithmetic level 1"}}]
+          {"name": "student_rl", "wall_seconds": 30.0, "dir": "student_rl",
+           "metrics": {"heldout_pass@1_start": 0.9, "heldout_pass@1_end": 0.1, "trained_on": "arithmetic level 1"}}]
 EVALS = {
     "student": eval_result({"arithmetic": 0.45, "logic": 0.55}, 2.2),
     "base": eval_result({"arithmetic": 0.10, "logic": 0.50}, 2.0, acceptance=0.6),
@@ -64,6 +75,9 @@ EVALS = {
     "r1": eval_result({"arithmetic": 0.60, "logic": 0.70}, 2.4),
     "student_rl": eval_result({"arithmetic": 0.15, "logic": 0.45}, 2.5),
 }
+# the eval stage's paired measurement of an RL stage: its start and end model on its trained task
+RL = {"student_rl": {"trained_on": "arithmetic level 1", "tasks": ["arithmetic"], "start_model": "student_base",
+                     "start": eval_result({"arithmetic": 0.25}, 2.0), "end": eval_result({"arithmetic": 0.5}, 2.0)}}
 
 
 def test_max_violation():
@@ -73,7 +87,7 @@ def test_max_violation():
 
 
 def test_report_json_structure_and_numbers(run_dir):
-    report = write_report(run_dir, STAGES, EVALS, config={"name": "debug", "pretrain": {"max_steps": 20}})
+    report = write_report(run_dir, STAGES, EVALS, config={"name": "debug", "pretrain": {"max_steps": 20}}, rl=RL)
     on_disk = json.loads((run_dir / "report.json").read_text())
     assert on_disk == report
     assert list(report["eval"]) == list(MODELS)  # pipeline order, whatever order the results came in
@@ -81,6 +95,7 @@ def test_report_json_structure_and_numbers(run_dir):
         for t in TASKS:
             assert set(tasks[t]) >= {"pass@1", "pass@k", "maj@k", "format"}
             assert tasks[t]["pass@1"] == EVALS[model]["tasks"][t]["pass@1"]
+            assert tasks[t]["pass@1_ci"] == EVALS[model]["tasks"][t]["pass@1_ci"]
     assert [s["name"] for s in report["stages"]] == [s["name"] for s in STAGES]
     assert report["total_wall_seconds"] == pytest.approx(290.0)
     assert report["config"]["name"] == "debug" and report["hardware"]["cpu_count"] >= 1
@@ -89,9 +104,17 @@ def test_report_json_structure_and_numbers(run_dir):
     assert report["lift"]["r1_zero_vs_base"]["arithmetic"] == pytest.approx(0.30)
     assert report["lift"]["r1_zero_vs_base"]["mean"] == pytest.approx(0.20)
     assert report["lift"]["r1_vs_sft"]["mean"] == pytest.approx(0.25)
-    # on the task an RL stage trained on, as the stage itself measured it (only stages that report it)
-    assert report["rl_task_lift"] == {"student_rl": {"trained_on": "arithmetic level 1", "start": 0.25, "end": 0.5,
-                                                     "lift": 0.25}}
+    # the mean's interval: per-problem differences, resampled within each task
+    diffs = [[e - b for b, e in zip(scores(base), scores(rl), strict=True)] for base, rl in ((0.1, 0.4), (0.5, 0.6))]
+    assert report["lift"]["r1_zero_vs_base"]["mean_ci"] == pytest.approx(list(stratified_bootstrap_ci(diffs)))
+    # on the task an RL stage trained on: the eval stage's paired measurement, not the stage's own curve
+    start, end = scores(0.25), scores(0.5)
+    assert report["rl_task_lift"] == {"student_rl": {
+        "trained_on": "arithmetic level 1", "start_model": "student_base", "start": 0.25, "end": 0.5,
+        "lift": 0.25, "start_ci": list(bootstrap_ci(start)), "end_ci": list(bootstrap_ci(end)),
+        "lift_ci": list(paired_bootstrap_ci(start, end)), "n_problems": 20, "k": 4}}
+    lo, hi = report["rl_task_lift"]["student_rl"]["lift_ci"]
+    assert 0.0 < lo < 0.25 < hi <= 0.5
     # training curves summarised from each stage's metrics.jsonl (the r1_zero stage lives in grpo_zero/)
     assert report["training"]["pretrain"]["loss"]["last"] == pytest.approx(6.0 - 0.1 * 20 + 0.05)  # last 2 of 20
     assert report["training"]["r1_zero"]["completion_length"]["first"] == pytest.approx(12.0)
@@ -107,8 +130,8 @@ def test_paper_rows_carry_measured_values(run_dir):
     assert "validation MaxVio 0.250" in rows["Load balance: MaxVio with auxiliary-loss-free balancing"]["measured"]
     mtp = rows["MTP: acceptance of the drafted second token"]["measured"]
     assert "0.300" in mtp and "base: speculative draft acceptance 0.600" in mtp
-    assert "0.300 -> 0.500 (+20.0 points" in rows["r1_zero pass@1 lift over base"]["measured"]
-    assert "+25.0 points" in rows["r1 pass@1 lift over sft"]["measured"]
+    assert "0.300 -> 0.500 (+20.0 [+" in rows["r1_zero pass@1 lift over base"]["measured"]
+    assert "+25.0 [+" in rows["r1 pass@1 lift over sft"]["measured"]
     assert "12 -> 30 tokens over 10 steps" in rows["Response length grows during RL"]["measured"]
     distill = rows["Distillation vs RL for small models"]["measured"]
     assert "student (distilled) pass@1 0.500" in distill and "student_rl (GRPO, same wall time) pass@1 0.300" in distill
@@ -116,22 +139,33 @@ def test_paper_rows_carry_measured_values(run_dir):
 
 
 def test_report_markdown_and_plots(run_dir):
-    report = write_report(run_dir, STAGES, EVALS)
+    report = write_report(run_dir, STAGES, EVALS, rl=RL)
     plots = {Path(p).name for p in report["plots"]}
-    assert {"pass_at_1.png", "loss.png", "val_loss.png", "reward.png", "accuracy.png", "completion_length.png",
-            "kl.png", "heldout_pass1.png", "expert_load_pretrain.png"} <= plots
+    assert {"pass_at_1.png", "rl_lift.png", "loss.png", "val_loss.png", "reward.png", "accuracy.png",
+            "completion_length.png", "kl.png", "heldout_pass1.png", "expert_load_pretrain.png"} <= plots
     for p in report["plots"]:
         assert (run_dir / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run_dir / "report.md").read_text()
     for heading in ("# nanoseek report card: `run`",
-                    "## Stages", "## Held-out pass@1 by model", "## All metrics by model", "## Games",
+                    "## Stages", "## Held-out pass@1 by model", "## RL lift on the trained task",
+                    "## All metrics by model", "## Games",
                     "## DeepSeek reported vs this run", "## Training curves", "## Expert load", "## Hardware"):
         assert heading in md
     for p in report["plots"]:
         assert f"]({p})" in md  # every plot is linked from the markdown
-    assert "| r1_zero | 0.400 | 0.600 | 0.500 |" in md  # pass@1 per task and the mean
-    assert "**r1_zero vs base** +20.0" in md
-    assert "**student_rl** (arithmetic level 1) 0.250 -> 0.500 (+25.0 points)" in md
+    # pass@1 per task and the mean, each with its interval
+    ci = {t: report["eval"]["r1_zero"][t]["pass@1_ci"] for t in TASKS}
+    mean_lo, mean_hi = stratified_bootstrap_ci([scores(0.4), scores(0.6)])
+    assert (f"| r1_zero | 0.400 [{ci['arithmetic'][0]:.3f}, {ci['arithmetic'][1]:.3f}] | "
+            f"0.600 [{ci['logic'][0]:.3f}, {ci['logic'][1]:.3f}] | 0.500 [{mean_lo:.3f}, {mean_hi:.3f}] |") in md
+    lo, hi = report["lift"]["r1_zero_vs_base"]["mean_ci"]
+    assert f"**r1_zero vs base** +20.0 [{lo * 100:+.1f}, {hi * 100:+.1f}]" in md
+    lift = report["rl_task_lift"]["student_rl"]
+    assert (f"| student_rl | arithmetic level 1 | 20 × 4 | student_base | 0.250 [{lift['start_ci'][0]:.3f}, "
+            f"{lift['start_ci'][1]:.3f}] | 0.500 [{lift['end_ci'][0]:.3f}, {lift['end_ci'][1]:.3f}] | "
+            f"+25.0 [{lift['lift_ci'][0] * 100:+.1f}, {lift['lift_ci'][1] * 100:+.1f}] |") in md
+    assert "| r1 | nim | 0.250 | 0.000 | 0.500 [0.000, 1.000] | 0.000 | 0.250 [0.000, 0.750] | 0.400 [0.200, " \
+           "0.600] |" in md
     assert not list(run_dir.glob(".*"))  # no temporary files left behind
 
 
@@ -152,3 +186,10 @@ def test_report_rejects_bad_inputs(run_dir):
     (run_dir / "pretrain" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{broken\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
         write_report(run_dir, STAGES, EVALS, plots=False)
+
+
+def test_rl_lift_needs_the_same_problems(run_dir):
+    other = eval_result({"arithmetic": 0.5}, 2.0)
+    other["tasks"]["arithmetic"]["per_problem"]["ids"][0] = "arithmetic-x"
+    with pytest.raises(ValueError, match="arithmetic: the two models were evaluated on different problems"):
+        write_report(run_dir, STAGES, EVALS, plots=False, rl={"student_rl": {**RL["student_rl"], "end": other}})

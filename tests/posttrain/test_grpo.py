@@ -6,7 +6,7 @@ import json
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.posttrain.grpo import GRPOConfig, GRPOTrainer, grpo, pick_candidate
+from nanoseek.posttrain.grpo import GRPOConfig, GRPOTrainer, grpo, guess_rates, headroom, pick_candidate
 from nanoseek.posttrain.losses import token_logps
 from nanoseek.posttrain.rollout import Sample, record_prompt
 from nanoseek.train.metrics import read_metrics
@@ -81,18 +81,35 @@ def test_micro_batches_are_cut_to_their_rows_without_changing_log_probs(policy_d
     torch.testing.assert_close(trainer.logps(model, batch), full, rtol=1e-5, atol=1e-5)
 
 
-def test_pick_candidate_prefers_learnable_prompts_inside_the_band():
-    table = [{"task": "arithmetic", "level": 1, "pass@1": 0.95, "mixed": 0.1},  # mastered: nothing to sharpen
-             {"task": "arithmetic", "level": 2, "pass@1": 0.3, "mixed": 0.5},
-             {"task": "logic", "level": 1, "pass@1": 0.45, "mixed": 0.9},
-             {"task": "logic", "level": 2, "pass@1": 0.40, "mixed": 0.95},  # within noise of level 1
-             {"task": "countdown", "level": 1, "pass@1": 0.02, "mixed": 1.0}]  # below the band
-    assert pick_candidate(table, [0.05, 0.9]) == table[2]
-    assert pick_candidate(table, [0.0, 0.9], tolerance=0.0)["task"] == "countdown"
-    assert pick_candidate(table, [0.05, 0.9], tolerance=0.0) == table[3]
-    nothing = [{"task": "a", "level": 2, "pass@1": 0.0, "mixed": 0.0}, {"task": "a", "level": 1, "pass@1": 0.0,
-                                                                        "mixed": 0.0}]
+def row(task, level, pass1, passk, chance, chance_k):
+    return {"task": task, "level": level, "pass@1": pass1, "pass@k": passk, "chance": chance, "chance@k": chance_k}
+
+
+def test_pick_candidate_measures_headroom_against_chance():
+    # a yes/no task at 50% has no headroom: k >= 2 blind guesses already cover both answers
+    logic, arithmetic = row("logic", 1, 0.5, 1.0, 0.52, 1.0), row("arithmetic", 2, 0.3, 0.8, 0.18, 0.6)
+    assert headroom(logic) == 0.0 and abs(headroom(arithmetic) - 0.2) < 1e-9
+    assert pick_candidate([logic, arithmetic], [0.05, 0.9]) is arithmetic
+    # pass@k that k guesses explain is no headroom either: level 1's 0.8 is what its 8 most common answers reach
+    guessable = row("arithmetic", 1, 0.3, 0.8, 0.16, 0.8)
+    assert pick_candidate([guessable, arithmetic], [0.05, 0.9]) is arithmetic
+    table = [row("arithmetic", 1, 0.95, 1.0, 0.16, 0.7),  # mastered: nothing to sharpen
+             row("arithmetic", 2, 0.3, 0.7, 0.18, 0.6),
+             row("countdown", 1, 0.25, 0.75, 0.03, 0.18),
+             row("countdown", 2, 0.2, 0.78, 0.01, 0.06),  # within noise of level 1
+             row("multihop", 1, 0.02, 0.9, 0.01, 0.04)]  # below the band
+    assert pick_candidate(table, [0.05, 0.9]) is table[2]
+    assert pick_candidate(table, [0.05, 0.9], tolerance=0.0) is table[3]
+    assert pick_candidate(table, [0.0, 0.9])["task"] == "multihop"
+    nothing = [row("a", 2, 0.0, 0.0, 0.0, 0.0), row("a", 1, 0.0, 0.0, 0.0, 0.0)]
     assert pick_candidate(nothing, [0.05, 0.9])["level"] == 1  # no signal anywhere: the easiest level
+
+
+def test_guess_rates_come_from_the_answers():
+    chance, chance_k = guess_rates("logic", 1, 8, seed=0)
+    assert 0.4 < chance < 0.6 and chance_k == 1.0  # yes or no
+    chance, chance_k = guess_rates("multihop", 1, 1, seed=0)
+    assert chance == chance_k < 0.05  # made-up names: nothing to guess
 
 
 def test_auto_curriculum_is_measured_once_and_kept(policy_dir, tmp_path):
@@ -101,6 +118,8 @@ def test_auto_curriculum_is_measured_once_and_kept(policy_dir, tmp_path):
     trainer = GRPOTrainer(cfg, {}, tmp_path, str(policy_dir), progress=False)
     choice = json.loads((tmp_path / "curriculum.json").read_text())
     assert len(choice["table"]) == 4 and {r["task"] for r in choice["table"]} == {"arithmetic", "logic"}
+    logic = next(r for r in choice["table"] if r["task"] == "logic")
+    assert 0.4 < logic["chance"] < 0.6 and logic["chance@k"] == 1.0 and logic["score"] == headroom(logic)
     assert trainer.cfg.tasks == {choice["task"]: 1.0} and trainer.cfg.difficulty == [choice["level"]]
     assert all(p.columns["task"] == choice["task"] for p in trainer.held_out)
     choice["task"], choice["level"] = "logic", 2  # a resumed run reads the file rather than measuring again

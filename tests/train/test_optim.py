@@ -1,4 +1,4 @@
-"""Learning-rate shapes against their closed forms, and the AdamW parameter groups."""
+"""Learning-rate shapes against their closed forms, the AdamW parameter groups, and the Muon/AdamW split."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nanoseek.model import Transformer, preset
-from nanoseek.train.optim import build_optimizer, lr_multiplier, param_groups
+from nanoseek.train.muon import Muon
+from nanoseek.train.optim import build_muon, build_optimizer, lr_multiplier, param_groups
 
 
 def test_cosine_schedule_warmup_constant_then_half_cosine_to_final_ratio():
@@ -59,3 +60,50 @@ def test_optimizer_uses_deepseek_betas_and_decoupled_decay():
     opt.step()
     # zero gradient: AdamW's only change is the decoupled decay w -= lr * wd * w
     torch.testing.assert_close(model.weight.detach(), w0 * (1 - 0.1 * 0.1))
+
+
+def optimizer_names(model: torch.nn.Module, groups: list[dict]) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("experts", [True, False])
+def test_muon_split_puts_every_parameter_in_exactly_one_optimizer(experts):
+    model = Transformer(preset("debug", attention_bias=True))
+    adamw, muon = build_muon(model, lr=1e-3, muon_lr=2e-3, experts=experts)
+    on_adamw, on_muon = optimizer_names(model, adamw.param_groups), optimizer_names(model, muon.param_groups)
+    assert sorted(on_adamw + on_muon) == sorted(n for n, _ in model.named_parameters())  # each exactly once
+    shapes = dict(model.named_parameters())
+    assert all(shapes[n].ndim == 2 or n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in on_muon)
+    assert ("blocks.1.ffn.experts.down_proj" in on_muon) == experts
+    assert {"blocks.0.attn.q_b_proj.weight", "blocks.0.ffn.gate_proj.weight", "mtp.0.eh_proj.weight",
+            "blocks.1.ffn.shared_experts.up_proj.weight", "mtp.0.block.attn.o_proj.weight"} <= set(on_muon)
+    # tokens in and out, norms, biases and router gates stay on AdamW (with its no-decay group for the 1-D ones)
+    assert {"embed.weight", "head.weight", "norm.weight", "blocks.0.attn.kv_a_proj.bias",
+            "blocks.1.ffn.gate.weight"} <= set(on_adamw)
+    decayed, exempt = adamw.param_groups
+    assert exempt["weight_decay"] == 0.0 and "embed.weight" in optimizer_names(model, [exempt])
+    assert "head.weight" in optimizer_names(model, [decayed])
+
+
+def test_muon_steps_each_expert_matrix_as_torch_muon_steps_a_matrix():
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(3, 8, 5))
+    single = [torch.nn.Parameter(w.detach().clone()) for w in stacked]
+    ours = Muon([stacked], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    theirs = torch.optim.Muon(single, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):  # momentum carries over between steps
+        grad = torch.randn(3, 8, 5)
+        stacked.grad = grad
+        for p, g in zip(single, grad, strict=True):
+            p.grad = g.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(stacked.detach(), torch.stack([p.detach() for p in single]), rtol=0, atol=0)
+    torch.testing.assert_close(ours.state[stacked]["momentum_buffer"],
+                               torch.stack([theirs.state[p]["momentum_buffer"] for p in single]), rtol=0, atol=0)
+
+
+def test_muon_rejects_vectors():
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        Muon([torch.nn.Parameter(torch.zeros(4))], lr=0.02, weight_decay=0.0)

@@ -1,10 +1,12 @@
 """The pretraining loop end to end on the debug recipe (in process): metrics, checkpoints, balancing,
-non-finite steps, precision modes and recipe errors."""
+non-finite steps, precision modes, Muon, the time budget and recipe errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import nanoseek
 from nanoseek.config import load_recipe
@@ -91,6 +93,31 @@ def test_precision_modes_train(debug_recipe, tmp_path, overrides):
     assert len(losses) == 4 and all(l == l for l in losses) and losses[-1] < losses[0]
 
 
+def test_muon_run_resumes_bit_for_bit_and_only_with_muon(debug_recipe, tmp_path):
+    section = {**debug_recipe["pretrain"], "optimizer": "muon", "muon_lr": 5e-3, "max_steps": 8, "save_every": 4,
+               "keep_checkpoints": 2, "val_every": 0}
+    recipe = {**debug_recipe, "pretrain": section}
+    pretrain(recipe, tmp_path / "ref", progress=False)
+    # a run that stopped after its step-4 checkpoint: continue it from there
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step_0000004", run / "checkpoints" / "step_0000004")
+    with pytest.raises(ValueError, match="optimizer='muon'.*optimizer='adamw'"):
+        pretrain({**recipe, "pretrain": {**section, "optimizer": "adamw"}}, run, resume=True, progress=False)
+    pretrain(recipe, run, resume=True, progress=False)
+    expected = train_losses(tmp_path / "ref")
+    assert train_losses(run) == {s: expected[s] for s in range(5, 9)}  # floats compared exactly
+    ref, got = nanoseek.load(tmp_path / "ref"), nanoseek.load(run)
+    for (name, a), b in zip(ref.state_dict().items(), got.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_time_budget_stops_validates_and_saves(debug_recipe, tmp_path):
+    section = {**debug_recipe["pretrain"], "time_budget_s": 1e-6, "val_every": 0}
+    final = pretrain({**debug_recipe, "pretrain": section}, tmp_path, progress=False)
+    assert final.name == "step_0000001" and list(train_losses(tmp_path)) == [1]
+    assert any("val_loss" in r for r in read_metrics(tmp_path / "metrics.jsonl"))
+
+
 def test_an_existing_run_is_never_overwritten(debug_recipe, tmp_path):
     section = {**debug_recipe["pretrain"], "max_steps": 2, "val_every": 0}
     pretrain({**debug_recipe, "pretrain": section}, tmp_path, progress=False)
@@ -105,6 +132,7 @@ def test_an_existing_run_is_never_overwritten(debug_recipe, tmp_path):
     ("pretrain.lrr=1", r"\[pretrain\] unknown field\(s\) \['lrr'\]"),
     ("pretrain.global_batch_tokens=1000", "not a multiple of micro_batch"),
     ("pretrain.precision=fp16", "precision"),
+    ("pretrain.optimizer=sgd", r"\[pretrain\] optimizer='sgd'"),
     ("model.hidden_sizes=3", r"\[model\]"),
     ("data.doc=3", r"\[data\] unknown field"),
 ])

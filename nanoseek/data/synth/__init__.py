@@ -1,4 +1,4 @@
-"""Built-in corpora: seeded, any size, with difficulty levels (see tasks.py, text.py, corpus.py)."""
+"""Built-in corpora: seeded, any size, with difficulty levels (see tasks.py, text.py, games.py, corpus.py)."""
 
 from nanoseek.data.synth.corpus import DOMAIN_MIX, NgramIndex, write_synth
 from nanoseek.data.synth.tasks import (

@@ -22,7 +22,10 @@ of the words of its partition text:
     holds an eval-only name in a role train problems never give it.
 Problems too short for decontamination to see at all (question and solution under MIN_INDEXED_WORDS words,
 e.g. "What is 3 + 5?") are partitioned on their wording instead: eval then holds new wordings of single-digit
-facts rather than withholding a fifth of the 100 facts from training. Words are lower-cased `\\w+` tokens, the
+facts rather than withholding a fifth of the 100 facts from training. Arithmetic from level 2 up is the
+exception (`Task.wording_levels`): its expressions are many, so an eval expression ("3 + 4 - 2", in any wording)
+never appears in training, while every fact it is built from does, in other expressions. That is the held-out
+set RL is judged on: new problems, not new wordings of problems the policy trained on. Words are lower-cased `\\w+` tokens, the
 units decontamination compares, so "3 + 5" and "3 - 5" fall on the same side. The corpus writer also checks
 every training text against its eval files' n-grams and drops the rare coincidence.
 """
@@ -200,8 +203,11 @@ def _check_countdown(problem: Problem, prediction: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # arithmetic: "What is 3 + 5?"
 
-# level -> (operations, largest operand, operators allowed)
-_ARITH_LEVELS = {1: (1, 9, "+-"), 2: (2, 9, "+-*"), 3: (2, 20, "+-*"), 4: (3, 50, "+-*"), 5: (4, 100, "+-*/")}
+# level -> (operations, largest operand, operators allowed). Level 2 chains two level-1 steps (single digits, + and -
+# only): every fact it needs is a level-1 fact or a "teen" fact, so a small model that half-knows them solves it
+# sometimes, and each of its ~1,900 expressions is a problem of its own (see `wording_levels`).
+_ARITH_LEVELS = {1: (1, 9, "+-"), 2: (2, 9, "+-"), 3: (2, 9, "+-*"), 4: (3, 20, "+-*"), 5: (4, 100, "+-*/")}
+_OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "over"}
 _ARITH_TEMPLATES = [
     "What is {e}?", "Compute {e}.", "Calculate {e}.", "Find the value of {e}.", "What does {e} equal?",
     "Work out {e}.", "Evaluate {e}.", "{e} = ?",
@@ -247,10 +253,12 @@ def _gen_arithmetic(rng: random.Random, difficulty: int) -> tuple[Problem, str, 
     steps, hi, ops = _ARITH_LEVELS[difficulty]
     expr, lines, value = _arith_chain(rng, steps, hi, ops)
     templates = rng.sample(_ARITH_TEMPLATES, len(_ARITH_TEMPLATES))
+    # the structure with its operators as words: word keys drop symbols, and "2 - 1 + 8" is not "2 + 1 - 8"
+    spelled = " ".join(_OP_WORDS.get(t, t) for t in expr.split())
     return Problem(
         question=templates[0].format(e=expr), answer=str(value), solution="\n".join(lines) + f"\n#### {value}",
         task="arithmetic", difficulty=difficulty, paraphrases=[t.format(e=expr) for t in templates[1:]],
-    ), expr, expr
+    ), spelled, spelled
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -541,12 +549,15 @@ class Task:
     generate: Callable[[random.Random, int], tuple[Problem, str, str]]
     check: Callable[[Problem, str], bool]  # (problem, extracted answer) -> correct?
     levels: int = 5
+    # levels whose problems too short for decontamination are partitioned on their wording (module docstring);
+    # at the other levels they are partitioned on their structure like longer ones
+    wording_levels: tuple[int, ...] = (1, 2, 3, 4, 5)
 
 
 TASKS: dict[str, Task] = {
     t.name: t for t in [
         Task("arithmetic", "evaluate an expression: 1 step of single digits up to 4 steps with 3 digits",
-             _gen_arithmetic, _check_number),
+             _gen_arithmetic, _check_number, wording_levels=(1,)),
         Task("word_problems", "GSM8K-style stories: 1 gain or loss of single digits up to 3 steps and sharing",
              _gen_word_problem, _check_number),
         Task("logic", "syllogisms over made-up terms: does the conclusion follow? (yes/no)", _gen_logic,
@@ -580,9 +591,11 @@ def iter_problems(task: str, seed: int = 0, difficulty: int | Sequence[int] = 1,
     seen: set[str] = set()
     made, misses = 0, 0
     while True:
-        problem, identity, partition = TASKS[task].generate(rng, levels[made % len(levels)])
+        level = levels[made % len(levels)]
+        problem, identity, partition = TASKS[task].generate(rng, level)
         texts = (problem.question, problem.solution)
-        by_wording = all(len(canonical_key(t).split()) < MIN_INDEXED_WORDS for t in texts)
+        by_wording = level in TASKS[task].wording_levels and \
+            all(len(canonical_key(t).split()) < MIN_INDEXED_WORDS for t in texts)
         if by_wording:
             identity = partition = problem.question
         key = canonical_key(identity)
