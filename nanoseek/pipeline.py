@@ -64,6 +64,21 @@ class RunConfig:
     """[run] of a run recipe: settings of the `nanoseek run` process itself."""
 
     threads: int = 0  # torch CPU threads for every stage (0: torch's default); small models run best on 1
+    seed: int | None = None  # one seed for the whole run: set into every stage table's `seed` (see with_seed)
+
+
+# the tables whose `seed` field a run seed sets: data, weights' initialisation, batch order, rollouts, held-out draws
+SEEDED_TABLES = ("data", "pretrain", "sft_cold", "grpo_zero", "grpo_r1", "rejection", "distill", "distill_sft",
+                 "grpo_student", "eval")
+
+
+def with_seed(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe with `[run] seed` (when set) copied into every seeded table, so one number makes a new,
+    independent run of the whole recipe: other data, initial weights, rollouts and held-out problems."""
+    seed = from_dict(RunConfig, recipe.get("run"), "run").seed
+    if seed is None:
+        return recipe
+    return {**recipe, **{t: {**recipe.get(t, {}), "seed": seed} for t in SEEDED_TABLES}}
 
 
 @dataclass
@@ -528,6 +543,7 @@ STAGES: list[tuple[str, Callable[[Run, bool], dict[str, Any]]]] = [
 
 def run_pipeline(recipe: dict[str, Any], out: str | Path, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) every stage into `out`; returns the stages' records (their stage.json contents)."""
+    recipe = with_seed(recipe)
     check_recipe(recipe)
     cfg = from_dict(RunConfig, recipe.get("run"), "run")
     run = Run(recipe, Path(out), progress)
@@ -546,11 +562,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="tiny", help="built-in recipe name or TOML file (default: tiny)")
     parser.add_argument("--out", default="runs/nanoseek", type=Path, help="run directory (default: runs/nanoseek)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    parser.add_argument("--seed", type=int, help="one seed for every stage (= --set run.seed=N): an independent "
+                                                      "repeat of the run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set + ([f"run.seed={args.seed}"] if args.seed is not None else []))
     stages = run_pipeline(recipe, args.out, progress=not args.no_progress)
     total = sum(s["wall_seconds"] for s in stages)
     print(f"\nall stages done in {total / 60:.1f} min -> {args.out}")

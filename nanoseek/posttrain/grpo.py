@@ -145,6 +145,9 @@ class GRPOConfig:
     seed: int = 0
     threads: int = 0
     save_every: int = 0
+    # also save when RL time first passes each of these many seconds: a learning curve against RL minutes from one
+    # run (bench/learning_study.py evaluates each). Set keep_checkpoints high enough to keep them.
+    save_at_s: list[float] = field(default_factory=list)
     keep_checkpoints: int = 2
     device: str = "auto"
 
@@ -542,6 +545,7 @@ class GRPOTrainer:
                     update = self.update(batch, lr)
                     t3 = time.perf_counter()
                 self.step += 1
+                passed = [m for m in cfg.save_at_s if self.rl_seconds < m <= self.rl_seconds + t3 - t0]
                 self.rl_seconds += t3 - t0
                 health = self.check_signal(stats, batch is not None and batch.signal)
                 last = {"step": self.step, **stats, **health, **update, "lr": lr, "time/generation": t1 - t0,
@@ -553,7 +557,7 @@ class GRPOTrainer:
                 writer.write(last)
                 bar.set_postfix(reward=f"{stats['reward']:.3f}", acc=f"{stats.get('accuracy', 0):.2f}")
                 bar.update(1)
-                if done or (cfg.save_every and self.step % cfg.save_every == 0):
+                if done or passed or (cfg.save_every and self.step % cfg.save_every == 0):
                     ckpt = self.save(last)
                 if done:
                     if out_of_time:

@@ -6,7 +6,9 @@ k samples per training prompt; a sample is kept only if it is correct AND readab
 truncated or overlong, written in the target language, without repeated n-grams, code blocks or run-on
 paragraphs (R1 dropped "mixed languages, long paragraphs, and code blocks"). At most `keep_per_prompt`
 distinct kept answers per prompt. Instruct (non-reasoning) conversations are then mixed in so the next SFT
-keeps its direct-answer skills (R1: ~600k reasoning + ~200k non-reasoning samples).
+keeps its direct-answer skills (R1: ~600k reasoning + ~200k non-reasoning samples), and so are game transcripts
+(the optimal player's moves with their reasoning, checked by the game's rules like the built-in data's) so a
+student distilled from the output still plays legal moves: the teacher is sampled on the RL tasks only.
 
 Writes OUT/sft.jsonl (records for `nanoseek sft`) and OUT/rejection.json (why every sample was dropped).
 """
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from nanoseek.config import from_dict, load_recipe
 from nanoseek.data.synth import make_problems
+from nanoseek.data.synth.games import GAMES
 from nanoseek.data.tokenizer import CONTROL_TOKENS
 from nanoseek.model.hf import write_json
 from nanoseek.posttrain.preferences import write_jsonl
@@ -61,8 +64,9 @@ class RejectionConfig:
     max_new_tokens: int = 128
     keep_per_prompt: int = 1
     filters: FilterConfig = field(default_factory=FilterConfig)
-    instruct_data: str = ""  # conversations to mix in; "" -> instruct records of the built-in sft.jsonl
-    instruct_fraction: float = 0.25  # share of instruct conversations in the output
+    instruct_data: str = ""  # conversations to mix in; "" -> the built-in sft.jsonl
+    instruct_fraction: float = 0.25  # share of its instruct conversations in the output
+    game_fraction: float = 0.1  # share of its game transcripts (records whose task is a game) in the output
     seed: int = 0
     device: str = "auto"
 
@@ -145,16 +149,25 @@ def sample_and_select(sampler, prompts: Sequence[Prompt], k: int, temperature: f
     return kept, counts
 
 
-def instruct_records(path: str | Path, n: int, seed: int) -> list[dict[str, Any]]:
-    records = [r for _, r in read_jsonl(path) if "messages" in r and record_style(r) == "instruct"]
+def mixed_in_records(path: str | Path, kind: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """n conversations of `kind` from a conversations file: "instruct" (direct answers) or "game" (records
+    whose task is a game of nanoseek.data.synth.games), tagged with their kind as `source`."""
+    def wanted(r: dict[str, Any]) -> bool:
+        return r.get("task") in GAMES if kind == "game" else record_style(r) == "instruct"
+
+    records = [r for _, r in read_jsonl(path) if "messages" in r and wanted(r)]
     random.Random(seed).shuffle(records)
-    return [{**r, "source": "instruct"} for r in records[:n]]
+    return [{**r, "source": kind} for r in records[:n]]
 
 
 def rejection(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = None,
               progress: bool = True) -> Path:
-    """Sample from `init`, keep the clean correct samples, mix in instruct data; returns OUT/sft.jsonl."""
+    """Sample from `init`, keep the clean correct samples, mix in instruct conversations and game transcripts;
+    returns OUT/sft.jsonl."""
     cfg = from_dict(RejectionConfig, recipe.get("rejection"), "rejection")
+    if min(cfg.instruct_fraction, cfg.game_fraction) < 0 or cfg.instruct_fraction + cfg.game_fraction >= 1:
+        raise ValueError(f"[rejection] instruct_fraction + game_fraction must be in [0, 1) with neither negative, "
+                         f"got {cfg.instruct_fraction} + {cfg.game_fraction}")
     init = str(init or cfg.init)
     if not init:
         raise ValueError("[rejection] init: no checkpoint to sample from (set it or pass --init)")
@@ -168,27 +181,30 @@ def rejection(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | No
     kept, counts = sample_and_select(sampler, prompts, cfg.samples, cfg.temperature, cfg.top_p, cfg.filters,
                                      cfg.keep_per_prompt, cfg.seed, progress)
     records = [sft_record(s) for s in kept]
-    n_instruct = 0
-    if cfg.instruct_fraction > 0 and records:
+    added = {"instruct": 0, "game": 0}
+    shares = {"instruct": cfg.instruct_fraction, "game": cfg.game_fraction}
+    if any(shares.values()) and records:
         if cfg.instruct_data:
             source = Path(cfg.instruct_data)
         else:
             from nanoseek.posttrain.sft import default_data
 
             source = default_data(recipe, "sft.jsonl")
-        want = round(len(records) * cfg.instruct_fraction / (1 - cfg.instruct_fraction))
-        extra = instruct_records(source, want, cfg.seed)
-        n_instruct = len(extra)
-        records += extra
+        rest = 1 - sum(shares.values())  # the kept samples' share of the output
+        for kind, share in shares.items():
+            extra = mixed_in_records(source, kind, round(len(kept) * share / rest), cfg.seed) if share > 0 else []
+            added[kind] = len(extra)
+            records += extra
     random.Random(cfg.seed).shuffle(records)
     path = out / "sft.jsonl"
     write_jsonl(path, records)
     report = {"stage": "rejection", "init": init, "prompts": len(prompts), "samples": sum(counts.values()),
-              "reasoning_kept": len(kept), "instruct_added": n_instruct, "counts": dict(counts),
+              "reasoning_kept": len(kept), "instruct_added": added["instruct"], "game_added": added["game"],
+              "counts": dict(counts),
               "config": asdict(cfg)}
     write_json(out / "rejection.json", report)
     print(f"rejection: kept {len(kept)} of {sum(counts.values())} samples from {len(prompts)} prompts, "
-          f"added {n_instruct} instruct conversations; drops: "
+          f"added {added['instruct']} instruct conversations and {added['game']} game transcripts; drops: "
           f"{json.dumps({k: v for k, v in counts.items() if k != 'kept'})}")
     return path
 

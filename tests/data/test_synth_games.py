@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nanoseek.data.synth import R1_ZERO_TEMPLATE, write_synth
-from nanoseek.data.synth.games import Nim, NimState, game_document, game_sft_record, nim_completion
+from nanoseek.data.synth.games import NIM_DOCUMENTS, Nim, NimState, game_document, game_sft_record, nim_completion
 from nanoseek.rewards import extract_answer
 
 R1_FORMAT = re.compile(r"^<think>\n[^\n]+\n</think>\n<answer>\n\d+ \d+\n</answer>$")
@@ -44,32 +44,52 @@ def check_exchange(question: str, completion: str) -> None:
     if wins(tuple(sorted(heaps))):
         assert not wins(after), (heaps, completion)  # the move leaves the opponent lost
     else:
-        assert "no winning move" in completion
-    # the reasoning names the move it answers with, heap then how many
-    assert re.search(rf"[Hh]eap {i + 1}\b.*, take {k}\.\n</think>", completion), completion
+        assert k == 1 and heaps[i] == max(heaps) and "is the largest" in completion
+    # the reasoning restates the heaps as a XOR chain, copies the chosen heap's size by its label and names the
+    # move it answers with, heap then how many
+    chain = " xor ".join(map(str, heaps))
+    assert re.match(rf"<think>\n{chain} = \d+\. Heap {i + 1}: {heaps[i]} .*, take {k}\.\n</think>", completion), \
+        completion
 
 
 def exchanges(text: str) -> list[tuple[str, str]]:
     return re.findall(r"User: (.*?)\nAssistant:\n(<think>.*?</answer>)", text, re.S)
 
 
-def test_documents_show_legal_optimal_moves_in_the_r1_zero_template() -> None:
+def test_documents_are_one_exchange_that_fits_a_row() -> None:
     rng = random.Random(0)
-    for _ in range(60):
+    seen, shapes = set(), set()
+    for _ in range(300):
         source, text = game_document(rng)
         assert source == "nanoseek-synth:nim:r1"
-        assert text.startswith(R1_ZERO_TEMPLATE.split("User:")[0])
+        preamble = R1_ZERO_TEMPLATE.split("User:")[0]
+        shapes.add(text.startswith(preamble))
+        assert text.startswith((preamble + "User: ", "User: "))
         pairs = exchanges(text)
-        assert 2 <= len(pairs) == text.count("User:")
-        for question, completion in pairs:
-            check_exchange(question, completion)
-        # each game's record is a legal sequence of positions from a start to the end
-        for record in re.findall(r"Game record \(heaps after each move\): (.*)", text):
-            path = [tuple(map(int, s.split())) for s in record.split(", ")]
-            assert path[-1] == (0, 0, 0) and all(1 <= h <= 5 for h in path[0])
-            for a, b in zip(path, path[1:], strict=False):
-                diff = [x - y for x, y in zip(a, b, strict=True)]
-                assert sorted(d > 0 for d in diff) == [False, False, True] and min(diff) == 0
+        assert len(pairs) == text.count("User:") == 1 and text.endswith("</answer>")
+        question, completion = pairs[0]
+        check_exchange(question, completion)
+        seen.add(heaps_of(question))
+        # one 128-token pretraining row holds the whole exchange: with the run's tokenizer it is <= 125 tokens,
+        # about one per word or punctuation mark here (a tag such as <think> counts 3 here, 1 there)
+        assert len(re.findall(r"\w+|[^\w\s]", text)) <= 122, text
+    assert shapes == {True, False}  # the R1-Zero template and its last lines alone
+    evaluated = {h for h in seen if max(h) <= 5}
+    assert len(seen) > 150 and len(evaluated) > 80 and any(max(h) > 5 for h in seen) and any(0 in h for h in seen)
+
+
+def test_short_documents_are_not_near_duplicates() -> None:
+    """Curation's MinHash filter links documents whose word 5-grams overlap by ~0.64 or more: documents of
+    different positions in the short shape stay well below it, so they survive deduplication."""
+    def shingles(text: str) -> set[str]:
+        words = re.findall(r"\w+", text.lower())
+        return {" ".join(words[i:i + 5]) for i in range(len(words) - 4)}
+
+    rng = random.Random(2)
+    docs = {text for text in (game_document(rng)[1] for _ in range(200)) if not text.startswith("A ")}
+    sets = [shingles(text) for text in docs]
+    assert len(sets) > 50
+    assert max(len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1:]) < 0.5
 
 
 def test_sft_records_are_chat_exchanges() -> None:
@@ -127,3 +147,13 @@ def test_corpus_writer_includes_game_transcripts(tmp_path: Path) -> None:
     assert not any("Nim:" in d["text"] for d in read(tmp_path / "none" / "corpus" / "math_logic.jsonl"))
     with pytest.raises(ValueError, match="game_share"):
         write_synth(tmp_path / "bad", docs=10, game_share=1.5)
+
+
+def test_corpus_holds_each_distinct_document_at_most_once(tmp_path: Path) -> None:
+    """More game slots than distinct documents: the writer caps them (NIM_DOCUMENTS) instead of redrawing
+    duplicates forever, and gives the rest to worked problems."""
+    write_synth(tmp_path, docs=NIM_DOCUMENTS + 40, seed=0, difficulty="1", sft=10, rl=5, eval_per_level=5,
+                mix={"math_logic": 1.0}, game_share=1.0)
+    math = read(tmp_path / "corpus" / "math_logic.jsonl")
+    games = [d["text"] for d in math if d["source"] == "nanoseek-synth:nim:r1"]
+    assert len(games) == len(set(games)) == NIM_DOCUMENTS and len(math) == NIM_DOCUMENTS + 40

@@ -1,15 +1,17 @@
 """Rejection sampling's filters and output, and distillation into a student (with logit distillation)."""
 
 import json
+import random
 
 import pytest
 import torch
 
 import nanoseek
+from nanoseek.data.synth.games import game_sft_record
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model import Transformer
 from nanoseek.posttrain.distill import distill, is_nanoseek_checkpoint
-from nanoseek.posttrain.rejection import FilterConfig, reject_reason, select, sft_record
+from nanoseek.posttrain.rejection import FilterConfig, mixed_in_records, reject_reason, rejection, select, sft_record
 from nanoseek.posttrain.rollout import Sample, record_prompt
 from nanoseek.posttrain.sft import sft
 from nanoseek.train.metrics import read_metrics
@@ -90,3 +92,24 @@ def test_logit_distillation_pulls_the_student_toward_the_teacher(policy_dir, tmp
     stranger.init_weights(std=0.2)  # large weights: peaked next-token distributions, far from the student's
     sft(recipe, tmp_path / "other", init=policy_dir, data=[data], progress=False, teacher=stranger)
     assert read_metrics(tmp_path / "other" / "metrics.jsonl")[-1]["loss"] > 0.01
+
+
+def test_mixed_in_records_pick_instruct_conversations_or_game_transcripts(tmp_path):
+    rng = random.Random(0)
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+            "style": "instruct"}
+    solved = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": r1("2+2=4", "4")}],
+              "style": "reasoning", "task": "arithmetic", "answer": "4"}
+    games = [game_sft_record(rng) for _ in range(5)]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [chat, solved, *games, chat]))
+    picked = mixed_in_records(path, "game", 3, seed=0)
+    assert len(picked) == 3 and all(r["task"] == "nim" and r["source"] == "game" for r in picked)
+    assert len(mixed_in_records(path, "game", 50, seed=0)) == 5  # no more than the file has
+    instruct = mixed_in_records(path, "instruct", 50, seed=0)
+    assert len(instruct) == 2 and all(r["style"] == "instruct" and r["source"] == "instruct" for r in instruct)
+
+
+def test_rejection_refuses_mixed_in_shares_that_leave_no_room(tmp_path):
+    with pytest.raises(ValueError, match="instruct_fraction \\+ game_fraction"):
+        rejection({"rejection": {"init": "unused", "instruct_fraction": 0.5, "game_fraction": 0.5}}, tmp_path)

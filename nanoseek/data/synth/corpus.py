@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nanoseek.data.synth.games import game_document, game_sft_record
+from nanoseek.data.synth.games import NIM_DOCUMENTS, game_document, game_sft_record
 from nanoseek.data.synth.tasks import (
     EVAL_FRACTION,
     MIN_INDEXED_WORDS,
@@ -34,6 +34,8 @@ from nanoseek.data.synth.tasks import (
     iter_problems,
     make_problems,
     r1_zero_prompt,
+    spell_expression,
+    split_of,
 )
 from nanoseek.data.synth.text import GENERATORS, qa_pair
 
@@ -121,23 +123,25 @@ FACT_SHEET_SHARE = 0.3  # share of arithmetic documents that are number-fact she
 
 
 def fact_sheet(rng: random.Random) -> str:
-    """A practice sheet of the number facts arithmetic levels 1-2 are built from: `a + b` and `a - b` for a first
-    number up to 18 (a level-2 intermediate) and a single-digit second one, e.g. "13 - 5 = 8". A worked problem
-    shows one or two facts among many other tokens; a sheet shows thirty, so a small base that will be asked to
-    chain them (and RL that sharpens the chains) has seen each one often. Lines are single facts, never a
-    whole level-2 expression, so no held-out problem is in a sheet."""
-    intro = rng.choice(["Addition and subtraction facts.", "Number facts to practise.", "Facts to learn by heart.",
+    """A practice sheet of the number facts arithmetic levels 1-2 are built from: `a + b` and `a - b` with a
+    first number up to 18 (a level-2 intermediate) and a single-digit second one, e.g. "13 - 5 = 8", written as
+    a running total: each line starts from the previous result, the way a worked solution chains its steps. A
+    worked problem shows one or two facts among many other tokens; a sheet shows sixteen, so a small base that
+    will be asked to chain them (and RL that sharpens the chains) has seen each one often. Two consecutive lines
+    are a level-2 expression; one whose expression is held out (split_of its spelled structure) is never
+    written, so no held-out problem's working is in a sheet."""
+    intro = rng.choice(["Addition and subtraction facts.", "Number facts to practise.", "A running total.",
                         "Mental arithmetic: sums and differences."])
+    value, last = rng.randint(0, 9), None
     lines = []
-    if rng.random() < 0.5:  # one number's row, in order, as a table
-        a = rng.randint(0, 18)
-        op = rng.choice("+-")
-        bs = range(10) if op == "+" else range(min(a, 9) + 1)
-        lines = [f"{a} {op} {b} = {a + b if op == '+' else a - b}" for b in bs]
-    while len(lines) < 30:
-        a, b = rng.randint(0, 18), rng.randint(0, 9)
-        op = rng.choice("+-") if a >= b else "+"
-        lines.append(f"{a} {op} {b} = {a + b if op == '+' else a - b}")
+    while len(lines) < 16:  # ~115 tokens: the loader crops documents at seq_len (128 in the tiny recipe)
+        op = rng.choice("+-") if value <= 9 else "-"
+        b = rng.randint(0, 9) if op == "+" else rng.randint(0, min(value, 9))
+        if last is not None and split_of(spell_expression(f"{last} {op} {b}")) == "eval":
+            continue
+        new = value + b if op == "+" else value - b
+        lines.append(f"{value} {op} {b} = {new}")
+        last, value = f"{value} {op} {b}", new
     return "\n".join([intro] + lines)
 
 
@@ -211,8 +215,9 @@ def write_synth(output: str | Path, docs: int = 5000, seed: int = 0, difficulty:
     Deterministic in its arguments. `mix` weights the corpus domains (default DOMAIN_MIX): a short CPU run
     learns its reasoning formats sooner from a corpus heavier in worked problems. `task_mix` weights the tasks of
     the worked-problem documents (default: equal): the skills RL will sharpen need enough of them in pretraining
-    for the base to sometimes succeed. `game_share` of the math_logic documents and of the SFT conversations are
-    Nim transcripts of the optimal player (games.py), so every model has seen positions answered by legal moves."""
+    for the base to sometimes succeed. `game_share` of the math_logic documents (at most NIM_DOCUMENTS, all
+    distinct) and of the SFT conversations are Nim transcripts of the optimal player (games.py), so every model
+    has seen positions answered by legal moves."""
     out = Path(output)
     levels = _parse_levels(difficulty)
     tasks = list(tasks or TASKS)
@@ -239,7 +244,8 @@ def write_synth(output: str | Path, docs: int = 5000, seed: int = 0, difficulty:
     rng = random.Random(hash_seed(seed, "corpus"))
     problems = _CleanProblems(tasks, seed, train_levels, index, "corpus")
     counts = _domain_counts(docs, mix or DOMAIN_MIX)
-    n_games = round(counts.get("math_logic", 0) * game_share)
+    # a game has finitely many distinct documents, and exact duplicates are redrawn below
+    n_games = min(round(counts.get("math_logic", 0) * game_share), NIM_DOCUMENTS)
     math_tasks = _interleave({**_weighted_counts(counts.get("math_logic", 0) - n_games,
                                                  task_mix or dict.fromkeys(tasks, 1.0), tasks, "task_mix"),
                               "nim": n_games})  # task names and "nim" (a game transcript), spread evenly

@@ -6,15 +6,16 @@ both the optimal player and a strategy metric: a move is *optimal* when it keeps
 
 A model plays by answering the question `describe(state)` in its usual answer format, and its move is read from
 the extracted answer (`parse_move`). The rules live here, in the data layer, because the built-in data teaches
-that exchange: `game_document` (pretraining, R1-Zero template) and `game_sft_record` (a chat conversation) show
+that exchange: `game_document` (a pretraining document) and `game_sft_record` (a chat conversation) show
 positions exactly as the evaluator describes them, answered by the optimal player's move with a short reasoning
 in the R1 format. nanoseek/eval/games.py adds the players and matches on top.
 
 Decontamination: evaluation games start from `game.initial(rng)` positions and go on from there, and the
-training transcripts are drawn the same way, so training sees the evaluation's positions. That is by design:
-Nim with 3 heaps of at most 5 has 215 positions and tic-tac-toe 5,478, so a game is judged like chess openings,
-on play, not on unseen positions. What a game measures is whether the model moves legally and well, and the
-transcripts are the game's rules and strategy, not answers to held-out problems.
+training transcripts show positions drawn from all of them (documents) or the same way (SFT conversations), so
+training sees the evaluation's positions. That is by design: Nim with 3 heaps of at most 5 has 215 positions and
+tic-tac-toe 5,478, so a game is judged like chess openings, on play, not on unseen positions. What a game
+measures is whether the model moves legally and well, and the transcripts are the game's rules and strategy, not
+answers to held-out problems.
 """
 
 from __future__ import annotations
@@ -110,25 +111,28 @@ class Nim:
         return i, 1
 
     def explain(self, state: NimState) -> str:
-        """The optimal move's reasoning, short (~20 tokens) so that the R1-Zero template, the question and the
-        answer fit the 128-token rows the CPU recipes pretrain on: the nim-sum, then the heap whose size XOR
-        the nim-sum is smaller (take the difference), or for a lost position (nim-sum 0) that any legal move
-        will do. It ends with the move in the answer's order: heap, then how many."""
+        """The optimal move's reasoning, short (~30 tokens) so that the R1-Zero template, the question and the
+        answer fit one 128-token pretraining row. Each step is one a small model can copy or look up, and the
+        move's legality rests only on the copies: the heaps restated as a XOR chain (its value, the nim-sum,
+        is the one hard step), the chosen heap's size copied from the question ("heap 2 has 5" -> "Heap 2:
+        5"), then that size XOR the nim-sum and the difference to take, which is at most the heap. A lost
+        position (nim-sum 0) takes 1 from the largest heap, always legal, and says so."""
         i, k = self.optimal_move(state)
-        s = nim_sum(state.heaps)
+        s, h = nim_sum(state.heaps), state.heaps[i]
+        chain = " xor ".join(map(str, state.heaps)) + f" = {s}."
         if s:
-            h = state.heaps[i]
-            return f"Nim-sum {s}. Heap {i + 1}: {h} xor {s} = {h ^ s}, take {k}."
-        return f"Nim-sum 0, no winning move. Any legal move: heap {i + 1}, take {k}."
+            return f"{chain} Heap {i + 1}: {h} xor {s} = {h ^ s}, take {k}."
+        return f"{chain} Heap {i + 1}: {h} is the largest, take {k}."
 
     def format_move(self, move: tuple[int, int]) -> str:
         return f"{move[0] + 1} {move[1]}"
 
     def describe(self, state: NimState) -> str:
-        """The position as a question, ~25 tokens for the same reason as `explain`: the rules are the game's
-        name (normal-play Nim), and the built-in transcripts show them move by move."""
+        """The position as a question, ~30 tokens for the same reason as `explain`: the rules are the game's
+        name (normal-play Nim), and the built-in transcripts show them move by move. Each heap is labelled
+        ("heap 2 has 5") so that the answer's reasoning can copy a heap's size by its label."""
         heaps = ", ".join(f"heap {i + 1} has {h}" for i, h in enumerate(state.heaps))
-        return f"Nim: {heaps}. Which heap do you take from, and how many?"
+        return f"Nim: {heaps}. Which heap, how many?"
 
     def parse_move(self, text: str) -> tuple[int, int] | None:
         """Two numbers, the heap (from 1) then how many ("2 1", "2, 1"), or one "heap N" and one "take K"
@@ -241,26 +245,35 @@ def nim_completion(state: NimState, game: Nim) -> str:
     return f"<think>\n{game.explain(state)}\n</think>\n<answer>\n{move}\n</answer>"
 
 
+# Pretraining documents show positions with heaps up to this size, beyond the evaluated 5: one document per
+# distinct position, and the wider heaps teach the same copies and XOR facts with more distinct documents.
+DOCUMENT_MAX_HEAP = 7
+NIM_DOCUMENTS = 2 * ((DOCUMENT_MAX_HEAP + 1) ** 3 - 1)  # distinct documents `game_document` writes: 2 × 511
+
+
+def document_position(rng: random.Random) -> NimState:
+    """Any position of three heaps up to DOCUMENT_MAX_HEAP, uniformly: the corpus redraws exact duplicates, so
+    its documents cover distinct positions, all 215 of the evaluated game's once it holds them all."""
+    heaps = (0, 0, 0)
+    while not any(heaps):
+        heaps = tuple(rng.randint(0, DOCUMENT_MAX_HEAP) for _ in range(3))
+    return NimState(heaps)
+
+
 def game_document(rng: random.Random) -> tuple[str, str]:
-    """A pretraining document: Nim games from the optimal player's side, every position it faced asked in the
-    evaluator's words and answered in the R1 format, the first in the R1-Zero template (the shape of
-    corpus.math_document's R1 documents); each game ends with its record (the heaps after every move). The
-    first exchange fits a 128-token row (the loader trains on a document's head and crops its tail). Games
-    are added until the document has 2-3 positions: the template and the rules are the same in every
-    document and Nim has few positions, so shorter documents would be near duplicates of each other for
-    curation's MinHash deduplication; the game records' number sequences set them further apart (curation
-    still drops about a third of them as near duplicates at the tiny recipe's size). Returns (source, text)."""
-    game = Nim()
-    target, text, positions = rng.randint(2, 3), "", 0
-    while positions < target:
-        faced, path = nim_game(rng, game)
-        for state in faced:
-            question = game.describe(state)
-            text += f"\nUser: {question}\nAssistant:\n" if text else r1_zero_prompt(question)
-            text += nim_completion(state, game)
-        positions += len(faced)
-        text += "\nGame record (heaps after each move): " + ", ".join(" ".join(map(str, s.heaps)) for s in path)
-    return "nanoseek-synth:nim:r1", text
+    """A pretraining document: one Nim position asked in the evaluator's words and answered by the optimal
+    player in the R1 format, either in the R1-Zero template (the shape of corpus.math_document's R1 documents)
+    or as the template's last lines alone ("User: ...\nAssistant:\n", a coin flip). One exchange is at most
+    ~125 tokens, so it fits one 128-token row whole (the loader trains on a document's head and crops a longer
+    one's tail, which had cut most answers off when a document held a whole game). The two shapes are for
+    curation's near-duplicate filter: the template's 48 words make any two template documents ~0.6 similar,
+    so MinHash links them into clusters and keeps about 150; the short shape shares little but its numbers
+    (similarity <= 0.4) and survives whole. Returns (source, text)."""
+    game = Nim(max_heap=DOCUMENT_MAX_HEAP)
+    state = document_position(rng)
+    question = game.describe(state)
+    prompt = r1_zero_prompt(question) if rng.random() < 0.5 else f"User: {question}\nAssistant:\n"
+    return "nanoseek-synth:nim:r1", prompt + nim_completion(state, game)
 
 
 def game_sft_record(rng: random.Random) -> dict[str, Any]:

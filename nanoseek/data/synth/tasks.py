@@ -245,6 +245,12 @@ def _arith_chain(rng: random.Random, steps: int, hi: int, ops: str) -> tuple[str
     return expr, lines, value
 
 
+def spell_expression(expr: str) -> str:
+    """An arithmetic structure with its operators as words, the text its split is drawn from: word keys drop
+    symbols, and "2 - 1 + 8" is not "2 + 1 - 8"."""
+    return " ".join(_OP_WORDS.get(t, t) for t in expr.split())
+
+
 # Each generator returns (problem, identity, partition): `identity` tells two problems apart whatever their
 # wording (for unique eval sets), `partition` picks the split (module docstring).
 
@@ -253,8 +259,7 @@ def _gen_arithmetic(rng: random.Random, difficulty: int) -> tuple[Problem, str, 
     steps, hi, ops = _ARITH_LEVELS[difficulty]
     expr, lines, value = _arith_chain(rng, steps, hi, ops)
     templates = rng.sample(_ARITH_TEMPLATES, len(_ARITH_TEMPLATES))
-    # the structure with its operators as words: word keys drop symbols, and "2 - 1 + 8" is not "2 + 1 - 8"
-    spelled = " ".join(_OP_WORDS.get(t, t) for t in expr.split())
+    spelled = spell_expression(expr)
     return Problem(
         question=templates[0].format(e=expr), answer=str(value), solution="\n".join(lines) + f"\n#### {value}",
         task="arithmetic", difficulty=difficulty, paraphrases=[t.format(e=expr) for t in templates[1:]],

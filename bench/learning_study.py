@@ -1,0 +1,191 @@
+"""The learning study of a `nanoseek run`: held-out pass@1 on the RL task against RL minutes and against
+pretraining minutes, each with its 95% interval (README, "Where the lift comes from").
+
+    python bench/learning_study.py --run runs/nanoseek --out runs/study
+    python bench/learning_study.py --run runs/nanoseek --out runs/study --parts rl --rl-minutes 1,2,5,10
+
+(rl)       RL minutes. Each RL stage of the run (r1_zero from the run's base, r1 from its SFT model) is trained
+           again from the same start, on the task and level the run's stage trained on, for the largest of
+           --rl-minutes of RL time (generation + update; held-out curves off), saving a checkpoint as its RL
+           time passes each mark (GRPOConfig.save_at_s). One run gives every row: its schedule is the recipe's,
+           nearly constant over these minutes, so a mark stands for a run stopped there.
+(pretrain) Pretraining minutes. The recipe's model is pretrained on the run's tokens for each of
+           --pretrain-steps (the recipe's own count is the run's base, not trained again), then given the
+           run's R1-Zero stage ([grpo_zero], fixed to the run's task and level, the recipe's RL budget).
+
+Every model is scored by the evaluator the run uses, on the run's rl_n held-out problems of that task and level
+(k samples at T 0.6 / top-p 0.95, the run's eval seed), and each lift is paired with its start model.
+Results go to OUT/study.json and print as markdown tables. The machine should be otherwise idle: RL minutes
+are wall-clock minutes of RL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nanoseek.config import from_dict
+from nanoseek.eval.evaluate import evaluate
+from nanoseek.eval.report import paired_lift
+from nanoseek.pipeline import EvalConfig, Run, _pretrain, describe_target, rl_target
+from nanoseek.posttrain.grpo import GRPOConfig, grpo
+from nanoseek.train.checkpoint import latest_checkpoint
+
+# RL stage -> (its recipe table, the stage it starts from)
+RL_STAGES = {"r1_zero": ("grpo_zero", "pretrain"), "r1": ("grpo_r1", "sft")}
+
+
+def score(ckpt: Path, target: tuple[list[str], list[int]], template: str, cfg: EvalConfig, out: Path
+          ) -> dict[str, Any]:
+    """The run's RL measurement of one checkpoint (cached in out/results.json)."""
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
+    tasks, levels = target
+    return evaluate(ckpt, tasks, cfg.k, cfg.rl_n, template=template, temperature=cfg.temperature, top_p=cfg.top_p,
+                    max_new_tokens=cfg.max_new_tokens, difficulty=levels, seed=cfg.seed, games=1,
+                    consistency=False, bpb=False, batch=cfg.batch, out=out, progress=False)
+
+
+def fixed_table(recipe: dict[str, Any], table: str, target: tuple[list[str], list[int]], **fields: Any
+                ) -> dict[str, Any]:
+    """The recipe with an RL table pinned to the run's task and level (no curriculum to measure again)."""
+    tasks, levels = target
+    return {**recipe, table: {**recipe[table], "curriculum": "fixed", "tasks": dict.fromkeys(tasks, 1.0),
+                              "difficulty": levels, **fields}}
+
+
+def checkpoints_by_rl_time(stage_dir: Path) -> list[tuple[float, Path]]:
+    """(RL seconds, checkpoint) of every checkpoint a GRPO run kept."""
+    out = []
+    for ckpt in sorted((stage_dir / "checkpoints").glob("step_*")):
+        meta = json.loads((ckpt / "nanoseek.json").read_text())
+        out.append((meta["metrics"].get("time/rl_total", 0.0), ckpt))
+    return out
+
+
+def rl_minutes(run: Run, stage: str, minutes: list[float], out: Path, cfg: EvalConfig) -> list[dict[str, Any]]:
+    table, start_stage = RL_STAGES[stage]
+    target = rl_target(run.recipe, table, run.stage_dir(stage))
+    template = from_dict(GRPOConfig, run.recipe[table], table).template
+    marks = [m * 60 for m in minutes]
+    recipe = fixed_table(run.recipe, table, target, time_budget_s=max(marks), max_steps=1_000_000, save_at_s=marks,
+                         keep_checkpoints=len(marks) + 1, eval_problems=0)
+    stage_out = out / f"rl_{stage}"
+    if not (stage_out / "checkpoints").exists() or len(checkpoints_by_rl_time(stage_out)) < len(marks):
+        grpo(recipe, stage_out, init=run.checkpoint(start_stage), resume=stage_out.exists(), progress=False,
+             section=table)
+    start = score(run.checkpoint(start_stage), target, template, cfg, stage_out / "eval" / "start")
+    rows = [{"stage": stage, "trained_on": describe_target(target), "rl_seconds": 0.0, "steps": 0,
+             **paired_lift(start, start, target[0])}]
+    for seconds, ckpt in checkpoints_by_rl_time(stage_out):
+        end = score(ckpt, target, template, cfg, stage_out / "eval" / ckpt.name)
+        step = json.loads((ckpt / "nanoseek.json").read_text())["step"]
+        rows.append({"stage": stage, "trained_on": describe_target(target), "rl_seconds": seconds, "steps": step,
+                     **paired_lift(start, end, target[0])})
+        print(f"  {stage} after {seconds / 60:.1f} RL min (step {step}): pass@1 {rows[-1]['end']:.3f}", flush=True)
+    return rows
+
+
+def pretrain_minutes(run: Run, steps_list: list[int], out: Path, cfg: EvalConfig) -> list[dict[str, Any]]:
+    table, _ = RL_STAGES["r1_zero"]
+    target = rl_target(run.recipe, table, run.stage_dir("r1_zero"))
+    template = from_dict(GRPOConfig, run.recipe[table], table).template
+    own = run.recipe["pretrain"]["max_steps"]
+    study = Run(fixed_table(run.recipe, table, target), out, progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "data").exists():
+        os.symlink((run.out / "data").resolve(), out / "data")  # the run's data: the same tokens, not rebuilt
+    rows = []
+    for steps in steps_list:
+        if steps == own:  # the run's own base and R1-Zero stage, as the run made them
+            base, rl_ckpt = run.checkpoint("pretrain"), run.checkpoint("r1_zero")
+            pretrain_s = run.done("pretrain")["wall_seconds"]
+        else:
+            name = f"pretrain_{steps}"
+            if (study.stage_dir(name) / "stage.json").exists():
+                info = json.loads((study.stage_dir(name) / "stage.json").read_text())
+            else:
+                overrides = {"max_steps": steps, "val_every": steps, "save_every": steps}
+                t0 = time.perf_counter()
+                info = _pretrain(study, name, study.stage_dir(name).exists(), overrides=overrides)
+                info["wall_seconds"] = time.perf_counter() - t0
+                (study.stage_dir(name) / "stage.json").write_text(json.dumps(info))
+            base, pretrain_s = out / info["checkpoint"], info["wall_seconds"]
+            rl_dir = out / f"r1_zero_{steps}"
+            if not (rl_dir / "checkpoints").exists() or not any((rl_dir / "checkpoints").glob("step_*")):
+                grpo(study.recipe, rl_dir, init=base, resume=rl_dir.exists(), progress=False, section=table)
+            rl_ckpt = latest_checkpoint(rl_dir)
+        start = score(base, target, template, cfg, out / f"eval_{steps}" / "base")
+        end = score(rl_ckpt, target, template, cfg, out / f"eval_{steps}" / "r1_zero")
+        rows.append({"pretrain_steps": steps, "pretrain_seconds": pretrain_s,
+                     "trained_on": describe_target(target), **paired_lift(start, end, target[0])})
+        print(f"  pretraining {steps} steps ({pretrain_s / 60:.1f} min): base {rows[-1]['start']:.3f} -> R1-Zero "
+              f"{rows[-1]['end']:.3f}", flush=True)
+    return rows
+
+
+def pct(x: float) -> str:
+    return f"{x * 100:.1f}"
+
+
+def ci(pair: list[float], signed: bool = False) -> str:
+    f = (lambda v: f"{v * 100:+.1f}") if signed else pct
+    return f"[{f(pair[0])}, {f(pair[1])}]"
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    for stage, rows in result.get("rl", {}).items():
+        print(f"\n{stage} ({rows[0]['trained_on']}, {rows[0]['n_problems']} held-out problems × {rows[0]['k']}): "
+              "pass@1 (%) against RL minutes\n")
+        print("| RL minutes | steps | pass@1 | 95% CI | lift | lift 95% CI |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['rl_seconds'] / 60:.1f} | {r['steps']} | {pct(r['end'])} | {ci(r['end_ci'])} | "
+                  f"{r['lift'] * 100:+.1f} | {ci(r['lift_ci'], True)} |")
+    rows = result.get("pretrain")
+    if rows:
+        print(f"\nR1-Zero ({rows[0]['trained_on']}) against pretraining minutes: pass@1 (%)\n")
+        print("| pretraining steps | minutes | base | R1-Zero | lift | lift 95% CI |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['pretrain_steps']} | {r['pretrain_seconds'] / 60:.1f} | "
+                  f"{pct(r['start'])} {ci(r['start_ci'])} | "
+                  f"{pct(r['end'])} {ci(r['end_ci'])} | {r['lift'] * 100:+.1f} | {ci(r['lift_ci'], True)} |")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, required=True, help="a finished `nanoseek run` directory")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--parts", default="rl,pretrain", help="rl, pretrain or both (default)")
+    p.add_argument("--stages", default="r1_zero,r1", help="RL stages for the RL-minutes part")
+    p.add_argument("--rl-minutes", default="1,2,5,10")
+    p.add_argument("--pretrain-steps", default="450,1350,2700")
+    args = p.parse_args()
+    if not (args.run / "eval" / "stage.json").exists():
+        print(f"learning_study: {args.run} is not a finished `nanoseek run` directory (no eval/stage.json)",
+              file=sys.stderr)
+        return 2
+    run = Run(json.loads((args.run / "recipe.json").read_text()), args.run, progress=False)
+    cfg = from_dict(EvalConfig, run.recipe["eval"], "eval")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "study.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    parts = args.parts.split(",")
+    if "rl" in parts:
+        minutes = [float(m) for m in args.rl_minutes.split(",")]
+        result["rl"] = {s: rl_minutes(run, s, minutes, args.out, cfg) for s in args.stages.split(",")}
+        path.write_text(json.dumps(result, indent=1))
+    if "pretrain" in parts:
+        result["pretrain"] = pretrain_minutes(run, [int(s) for s in args.pretrain_steps.split(",")],
+                                              args.out / "pretrain", cfg)
+        path.write_text(json.dumps(result, indent=1))
+    print_tables(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
