@@ -25,9 +25,9 @@ e.g. "What is 3 + 5?") are partitioned on their wording instead: eval then holds
 facts rather than withholding a fifth of the 100 facts from training. Arithmetic from level 2 up is the
 exception (`Task.wording_levels`): its expressions are many, so an eval expression ("3 + 4 - 2", in any wording)
 never appears in training, while every fact it is built from does, in other expressions. That is the held-out
-set RL is judged on: new problems, not new wordings of problems the policy trained on. Words are lower-cased `\\w+` tokens, the
-units decontamination compares, so "3 + 5" and "3 - 5" fall on the same side. The corpus writer also checks
-every training text against its eval files' n-grams and drops the rare coincidence.
+set RL is judged on: new problems, not new wordings of problems the policy trained on. Words are lower-cased
+`\\w+` tokens, the units decontamination compares, so "3 + 5" and "3 - 5" fall on the same side. The corpus writer
+also checks every training text against its eval files' n-grams and drops the rare coincidence.
 """
 
 from __future__ import annotations
