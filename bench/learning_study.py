@@ -177,7 +177,8 @@ def main() -> int:
     parts = args.parts.split(",")
     if "rl" in parts:
         minutes = [float(m) for m in args.rl_minutes.split(",")]
-        result["rl"] = {s: rl_minutes(run, s, minutes, args.out, cfg) for s in args.stages.split(",")}
+        for stage in args.stages.split(","):
+            result.setdefault("rl", {})[stage] = rl_minutes(run, stage, minutes, args.out, cfg)
         path.write_text(json.dumps(result, indent=1))
     if "pretrain" in parts:
         result["pretrain"] = pretrain_minutes(run, [int(s) for s in args.pretrain_steps.split(",")],

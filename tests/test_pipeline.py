@@ -172,6 +172,15 @@ def test_missing_table_and_bad_fields_fail_before_training():
         check_recipe({**recipe, "eval": {**recipe["eval"], "rl_n": 100000}})
 
 
+def test_run_seed_reaches_every_seeded_table():
+    from nanoseek.pipeline import SEEDED_TABLES, with_seed
+
+    recipe = with_seed(load_recipe("tiny", ["run.seed=7"]))
+    assert all(recipe[t]["seed"] == 7 for t in SEEDED_TABLES)
+    assert with_seed(load_recipe("tiny")) == load_recipe("tiny")  # no run seed: the recipe as written
+    check_recipe(recipe)
+
+
 def test_tiny_tables_leak_no_field_into_recipes_built_on_it():
     """Recipes with `base = "tiny"` merge their tables over tiny's field by field: a field only tiny sets (say
     max_steps beside a child's epochs) would silently change the child's run."""

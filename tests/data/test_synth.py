@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -323,3 +324,28 @@ def test_iter_problems_reports_an_exhausted_level() -> None:
     with pytest.raises(ValueError, match="unique eval problems"):
         for _ in range(5000):
             next(stream)
+
+
+def test_fact_sheets_are_true_running_totals_that_hold_no_held_out_expression() -> None:
+    from nanoseek.data.synth.corpus import fact_sheet
+    from nanoseek.data.synth.tasks import spell_expression, split_of
+
+    for seed in range(200):
+        lines = fact_sheet(random.Random(seed)).splitlines()[1:]
+        steps = [re.fullmatch(r"(\d+) ([-+]) (\d+) = (\d+)", line).groups() for line in lines]
+        for a, op, b, c in steps:
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) and 0 <= int(c) <= 18
+        for (a, op, b, c), (a2, op2, b2, _) in zip(steps, steps[1:], strict=False):
+            assert a2 == c  # each line starts from the last result
+            assert split_of(spell_expression(f"{a} {op} {b} {op2} {b2}")) == "train"
+
+
+def test_task_mix_weights_the_worked_problem_documents(tmp_path: Path) -> None:
+    write_synth(tmp_path, docs=200, seed=1, difficulty="1-2", sft=10, rl=10, eval_per_level=10,
+                mix={"math_logic": 1.0}, task_mix={"arithmetic": 3.0, "logic": 1.0}, game_share=0.0)
+    sources = [json.loads(line)["source"] for line in (tmp_path / "corpus" / "math_logic.jsonl").open()]
+    tasks = [s.split(":")[1] for s in sources]
+    assert tasks.count("arithmetic") == 150 and tasks.count("logic") == 50
+    assert any(s.endswith("arithmetic:facts") for s in sources)
+    with pytest.raises(ValueError, match="task_mix"):
+        write_synth(tmp_path / "bad", docs=20, task_mix={"chess": 1.0})

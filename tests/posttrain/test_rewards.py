@@ -23,6 +23,7 @@ from nanoseek.rewards import (
     repetition_penalty,
     score,
     soft_overlong,
+    steps_reward,
     tag_count_reward,
 )
 
@@ -240,3 +241,13 @@ def test_gsm8k_numeric_verdicts_agree_with_math_verify(gsm8k):
             assert answers_equal(pred, v) == reference, (pred, v)
             checked += 1
     assert checked == 900 and not math.isnan(checked)
+
+
+def test_steps_reward_is_the_share_of_worked_steps_stated_in_the_reasoning():
+    solution = "3 + 4 = 7\n7 - 2 = 5\n#### 5"
+    both = "<think>\n3 + 4 = 7\n7  -  2 = 5\n</think>\n<answer>\n5\n</answer>"  # spacing inside a line is free
+    first = "<think>\n3 + 4 = 7\n7 - 2 = 4\n</think>\n<answer>\n4\n</answer>"
+    hidden_after = "<think>\n3 + 4 = 8\n</think>\n3 + 4 = 7\n7 - 2 = 5\n<answer>\n5\n</answer>"
+    assert steps_reward([both, first, hidden_after, "5"], solution=[solution] * 4) == [1.0, 0.5, 0.0, 0.0]
+    assert steps_reward([both], solution=[None]) == [0.0]  # a row without a worked solution
+    assert steps_reward([both]) == [0.0]
