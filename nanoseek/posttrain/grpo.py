@@ -92,10 +92,10 @@ class GRPOConfig:
     difficulty: list[int] = field(default_factory=lambda: [1])
     data: str = ""
     # curriculum: "fixed" trains on tasks × difficulty as given. "auto" first measures the starting model on
-    # training problems of each task at each level and trains on the (task, level) with the most headroom above
-    # chance, among those whose pass@1 lies in curriculum_band (pick_candidate): pass@k beyond both pass@1 and
-    # what k blind guesses reach. RL sharpens what a model can already sometimes do, so that is where it has
-    # something to sharpen; a yes/no task's pass@k is reached by guessing, so it shows none.
+    # training problems of each task at each level and trains on the (task, level) with the most headroom,
+    # among those whose pass@1 lies in curriculum_band (pick_candidate): pass@k well above pass@1 on a task whose
+    # answers cannot be guessed (`headroom`). RL sharpens what a model can already sometimes do, so that is where
+    # it has something to sharpen; a yes/no task's pass@k is reached by guessing, so it shows none.
     curriculum: str = "fixed"
     curriculum_prompts: int = 16
     curriculum_samples: int = 8
@@ -234,10 +234,18 @@ def guess_rates(task: str, level: int, k: int, seed: int) -> tuple[float, float]
     return counts[0] / len(problems), sum(counts[:k]) / len(problems)
 
 
+GUESSABLE = 0.25  # a task whose most common answer is this often right can be guessed: its pass@k shows no skill
+
+
 def headroom(row: dict[str, Any]) -> float:
-    """pass@k beyond both pass@1 (what one sample already does) and chance@k (what k blind guesses reach): the
-    part of pass@k that sharpening can turn into pass@1 and that guessing does not explain."""
-    return row["pass@k"] - max(row["pass@1"], row["chance@k"])
+    """What RL can turn into pass@1 on a (task, level), as measured on training problems: the gap pass@k − pass@1
+    (what sharpening converts), weighted by pass@1 (how often a group holds a success to learn from). 0 for a
+    task whose answers can be guessed (one blind guess right GUESSABLE of the time or more: a yes/no task at 50%
+    shows pass@8 ≈ 1 by guessing, not by skill). Comparing pass@k with chance@k instead was tried and misfired:
+    eight samples of one model are not eight distinct guesses, so a real skill's pass@k can sit below chance@k."""
+    if row["chance"] >= GUESSABLE:
+        return 0.0
+    return (row["pass@k"] - row["pass@1"]) * row["pass@1"]
 
 
 def measure_candidates(cfg: GRPOConfig, sampler: Sampler, tokenizer) -> list[dict[str, Any]]:
@@ -261,7 +269,7 @@ def measure_candidates(cfg: GRPOConfig, sampler: Sampler, tokenizer) -> list[dic
     return table
 
 
-def pick_candidate(table: list[dict[str, Any]], band: list[float], tolerance: float = 0.1) -> dict[str, Any]:
+def pick_candidate(table: list[dict[str, Any]], band: list[float], tolerance: float = 0.02) -> dict[str, Any]:
     """Among rows whose pass@1 lies in the band (all rows if none does), the one with the most headroom above
     chance (`headroom`). Scores within `tolerance` of the best (sampling noise) go to the easier level, then to
     the higher score."""
