@@ -1,4 +1,4 @@
-"""GRPO step time: nanoseek's GRPOTrainer vs TRL's GRPOTrainer (transformers generation, no vLLM).
+"""GRPO step time: nanoseek's GRPO stage vs TRL's GRPOTrainer (transformers generation, no vLLM).
 
 What is held equal, so the ratio measures the implementations and nothing else:
   - the model: nanoseek's weights exported with save_pretrained; TRL gets them loaded by transformers as
@@ -66,8 +66,10 @@ def nanoseek_config(args: argparse.Namespace):
 
 def run_nanoseek(model_dir: Path, args: argparse.Namespace) -> tuple[list[dict[str, float]], float]:
     """Per-step phase times (warm-up dropped) and the mean completion length."""
-    from nanoseek.posttrain.grpo import GRPOTrainer
+    from nanoseek.posttrain.grpo import GRPOStage
+    from nanoseek.posttrain.loop import optimizer_step
     from nanoseek.posttrain.rollout import Sampler
+    from nanoseek.train.optim import set_lr
 
     class TimedSampler(Sampler):
         """The trainer's sampler, timing each generation call."""
@@ -81,7 +83,8 @@ def run_nanoseek(model_dir: Path, args: argparse.Namespace) -> tuple[list[dict[s
             return out
 
     cfg = nanoseek_config(args)
-    trainer = GRPOTrainer(cfg, {}, Path(tempfile.mkdtemp()), str(model_dir), progress=False)
+    trainer = GRPOStage.load(cfg, str(model_dir), Path(tempfile.mkdtemp()))
+    set_lr(trainer.optimizer, cfg.lr)
     s = trainer.sampler
     trainer.sampler = TimedSampler(s.model, s.tokenizer, s.max_batch, s.max_new_tokens, s.max_prompt_tokens)
     steps, lengths = [], []
@@ -91,7 +94,7 @@ def run_nanoseek(model_dir: Path, args: argparse.Namespace) -> tuple[list[dict[s
         groups, rewards, stats = trainer.rollout()
         batch = trainer.make_batch(groups, rewards)
         t1 = time.perf_counter()
-        trainer.update(batch, cfg.lr)
+        trainer.update(batch, lambda: optimizer_step(trainer.model, trainer.optimizer, cfg.grad_clip))
         t2 = time.perf_counter()
         steps.append({"generation": TimedSampler.seconds, "rollout_rest": t1 - t0 - TimedSampler.seconds,
                       "update": t2 - t1, "step": t2 - t0})

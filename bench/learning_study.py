@@ -64,7 +64,7 @@ def checkpoints_by_rl_time(stage_dir: Path) -> list[tuple[float, Path]]:
     out = []
     for ckpt in sorted((stage_dir / "checkpoints").glob("step_*")):
         meta = json.loads((ckpt / "nanoseek.json").read_text())
-        out.append((meta["metrics"].get("time/rl_total", 0.0), ckpt))
+        out.append((meta["metrics"].get("time/train_total", 0.0), ckpt))
     return out
 
 

@@ -360,7 +360,7 @@ def _grpo_stage(run: Run, name: str, section: str, init: Path, resume: bool) -> 
     out = run.stage_dir(name)
     ckpt = grpo(run.recipe, out, init=init, resume=resume, progress=run.progress, section=section)
     records = _metrics(out)
-    metrics = {"steps": _last(records, "step"), "rl_seconds": _last(records, "time/rl_total"),
+    metrics = {"steps": _last(records, "step"), "rl_seconds": _last(records, "time/train_total"),
                "heldout_pass@1_start": _first(records, "eval/pass@1"),
                "heldout_pass@1_end": _last(records, "eval/pass@1"), "reward_end": _last(records, "reward"),
                # steps that could not learn (GRPO warned): no reward spread, or every completion masked as truncated

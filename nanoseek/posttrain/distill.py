@@ -26,10 +26,11 @@ from nanoseek.config import from_dict, load_recipe
 from nanoseek.data.synth import r1_zero_prompt
 from nanoseek.model import Transformer, preset
 from nanoseek.model.hf import resolve_checkpoint, write_json
+from nanoseek.posttrain.loop import pick_device
 from nanoseek.posttrain.preferences import write_jsonl
 from nanoseek.posttrain.rejection import FilterConfig, sample_and_select, sft_record, training_prompts
 from nanoseek.posttrain.rollout import Prompt, Sample, Sampler
-from nanoseek.posttrain.sft import pick_device, sft
+from nanoseek.posttrain.sft import sft
 from nanoseek.posttrain.stage import load_policy
 
 

@@ -34,18 +34,18 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from nanoseek.config import from_dict, load_recipe
+from nanoseek.config import load_recipe
 from nanoseek.data.synth import make_problems
 from nanoseek.model.hf import write_json
+from nanoseek.posttrain.loop import Stage, TrainConfig, prepare, run, start, threads
 from nanoseek.posttrain.losses import (
     LOSS_TYPES,
     REWARD_SCALES,
@@ -65,27 +65,18 @@ from nanoseek.posttrain.rollout import (
     problem_prompt,
     record_prompt,
 )
-from nanoseek.posttrain.sft import pick_device
-from nanoseek.posttrain.stage import (
-    add_stage_arguments,
-    check_fresh_run,
-    load_policy,
-    pad_right,
-    read_jsonl,
-    resume_stage,
-    save_stage,
-)
+from nanoseek.posttrain.stage import Policy, add_stage_arguments, pad_right, read_jsonl
 from nanoseek.rewards import build_rewards, format_reward, score
-from nanoseek.train.checkpoint import latest_checkpoint
-from nanoseek.train.metrics import MetricsWriter
-from nanoseek.train.optim import build_optimizer, lr_multiplier, set_lr
+from nanoseek.train.optim import build_optimizer
 
 REFERENCE_FILE = "reference.safetensors"
 
 
 @dataclass
-class GRPOConfig:
-    init: str = ""  # starting checkpoint (base model for R1-Zero, the SFT model for R1)
+class GRPOConfig(TrainConfig):
+    """GRPO's fields; the loop's (lr, max_steps, time_budget_s, seed, ...) come from TrainConfig. The learning rate
+    is constant after warmup (decay_start = 1). `init` is the base model for R1-Zero, the SFT model for R1."""
+
     template: str = "r1_zero"  # r1_zero | chat (see rollout.py)
     # prompts: built-in tasks (weights) at these difficulty levels, or a JSONL file (question, answer, ...)
     tasks: dict[str, float] = field(default_factory=lambda: {"arithmetic": 1.0})
@@ -125,33 +116,24 @@ class GRPOConfig:
     eps_high: float = 0.28
     mu: int = 1  # optimizer steps per generation batch
     ref_refresh_every: int = 0  # reset the reference to the policy every N steps (0: never)
-    # optimisation
+    # optimisation (the rest is TrainConfig's; time_budget_s counts generation + update, evaluation excluded)
     lr: float = 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    decay_start: float = 1.0
+    final_lr_ratio: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.99
-    grad_clip: float = 1.0
     micro_batch: int = 32  # sequences per forward/backward
     max_steps: int = 100
-    time_budget_s: float = 0.0  # stop after this much RL time (generation + update, evaluation excluded)
     # held-out evaluation
     eval_every: int = 0  # steps between evaluations (0: only before and after training)
     eval_problems: int = 100
     eval_samples: int = 4
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
-    # bookkeeping
-    seed: int = 0
-    threads: int = 0
-    save_every: int = 0
-    # also save when RL time first passes each of these many seconds: a learning curve against RL minutes from one
-    # run (bench/learning_study.py evaluates each). Set keep_checkpoints high enough to keep them.
-    save_at_s: list[float] = field(default_factory=list)
-    keep_checkpoints: int = 2
-    device: str = "auto"
 
     def validate(self, section: str = "grpo") -> None:
+        super().validate(section)
+
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"[{section}] {name}={getattr(self, name)!r}: {why}")
 
@@ -167,11 +149,15 @@ class GRPOConfig:
             raise bad("scale_rewards", f"expected one of {REWARD_SCALES}")
         if self.num_generations < 2:
             raise bad("num_generations", "group-relative advantages need at least 2 samples per prompt")
-        for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch", "max_sampling_rounds"):
+        for name in ("prompts_per_step", "max_new_tokens", "mu", "micro_batch", "max_sampling_rounds", "max_steps",
+                     "max_prompt_tokens", "curriculum_prompts", "curriculum_samples"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
-        if self.no_signal_warn_steps < 0:
-            raise bad("no_signal_warn_steps", "must be >= 0 (0: never warn)")
+        for name in ("no_signal_warn_steps", "eval_every", "eval_problems", "ref_refresh_every", "beta"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if self.eval_problems and self.eval_samples < 1:
+            raise bad("eval_samples", "must be >= 1")
         if not 0 <= self.eps_low < 1 or self.eps_high < 0:
             raise bad("eps_low", "need 0 <= eps_low < 1 and eps_high >= 0")
         if not self.rewards:
@@ -279,21 +265,45 @@ def pick_candidate(table: list[dict[str, Any]], band: list[float], tolerance: fl
     return min((r for r in pool if headroom(r) >= best - tolerance), key=lambda r: (r["level"], -headroom(r)))
 
 
-class GRPOTrainer:
-    def __init__(self, cfg: GRPOConfig, recipe: dict[str, Any], out: Path, init: str, progress: bool = True,
-                 section: str = "grpo"):
-        self.cfg, self.recipe, self.out, self.progress = cfg, recipe, out, progress
-        self.section = section  # the recipe table: checkpoints record it as their stage, evaluation reads its template
-        self.device = pick_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        self.policy = load_policy(init, self.device)
-        self.model, self.tok = self.policy.model, self.policy.tokenizer
+def build_sampler(cfg: GRPOConfig, policy: Policy) -> Sampler:
+    """The inference engine over the policy's weights: one generation batch (P × G) or one evaluation group."""
+    return Sampler(policy.model, policy.tokenizer, max(cfg.prompts_per_step * cfg.num_generations, cfg.eval_samples),
+                   cfg.max_new_tokens, cfg.max_prompt_tokens)
+
+
+def choose_curriculum(cfg: GRPOConfig, sampler: Sampler, tokenizer, out: Path) -> GRPOConfig:
+    """With curriculum = "auto", the config narrowed to the (task, level) to train on: measured once and kept in
+    OUT/curriculum.json, so a resumed run trains on the same one. Unchanged with curriculum = "fixed"."""
+    if cfg.curriculum != "auto":
+        return cfg
+    path = out / CURRICULUM_FILE
+    if path.exists():
+        choice = json.loads(path.read_text())
+    else:
+        table = measure_candidates(cfg, sampler, tokenizer)
+        best = pick_candidate(table, cfg.curriculum_band)
+        choice = {"task": best["task"], "level": best["level"], "band": cfg.curriculum_band, "table": table}
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(path, choice)
+        rows = ", ".join(f"{r['task']}/{r['level']} {r['pass@1']:.2f}/{r['pass@k']:.2f} chance {r['chance']:.2f}/"
+                         f"{r['chance@k']:.2f} score {r['score']:+.2f}" for r in table)
+        print(f"grpo curriculum: {choice['task']} level {choice['level']} (pass@1/pass@{cfg.curriculum_samples}: "
+              f"{rows})", file=sys.stderr)
+    return replace(cfg, tasks={choice["task"]: 1.0}, difficulty=[choice["level"]])
+
+
+class GRPOStage(Stage):
+    """GRPO's step for the post-training loop: a generation batch, its rewards and advantages, and μ optimizer
+    steps on the clipped surrogate (none when the batch has no learning signal)."""
+
+    def __init__(self, cfg: GRPOConfig, policy: Policy, sampler: Sampler, out: Path, section: str = "grpo"):
+        self.cfg, self.policy, self.out, self.sampler = cfg, policy, out, sampler
+        self.section = section  # the recipe table: checkpoints record it as their stage
+        self.model, self.tok = policy.model, policy.tokenizer
+        self.device = next(self.model.parameters()).device
         # β = 0: no reference model at all (memory and a forward pass saved)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta else None
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-        groups = cfg.prompts_per_step * cfg.num_generations
-        self.sampler = Sampler(self.model, self.tok, max(groups, cfg.eval_samples), cfg.max_new_tokens,
-                               cfg.max_prompt_tokens)
         params = dict(cfg.reward_params)
         if "soft_overlong" in cfg.rewards:  # its length limit is the generation limit unless set
             params["soft_overlong"] = {"max_completion_len": cfg.max_new_tokens, **params.get("soft_overlong", {})}
@@ -304,35 +314,26 @@ class GRPOTrainer:
             extra["reward_model"] = reward_function(cfg.reward_model, self.device)
         # gate rewards are scored even when they carry no weight of their own
         self.rewards = build_rewards({**dict.fromkeys(cfg.gate, 0.0), **cfg.rewards}, params, extra)
-        if cfg.curriculum == "auto":
-            self.curriculum = self.auto_curriculum()
-            chosen = {"tasks": {self.curriculum["task"]: 1.0}, "difficulty": [self.curriculum["level"]]}
-            cfg = self.cfg = replace(cfg, **chosen)
         self.prompts = prompt_stream(cfg, self.tok, cfg.seed)
         self.prompts_used = 0
         self.rng = random.Random(cfg.seed)  # sampling seeds: a resumed run continues the same sequence
         self.held_out = eval_prompts(cfg, self.tok) if cfg.eval_problems and not cfg.data else []
         self.step = 0
-        self.rl_seconds = 0.0
         self.no_signal_streak = 0  # consecutive steps without learning signal
         self.warned_masked = False
 
-    def auto_curriculum(self) -> dict[str, Any]:
-        """The (task, level) to train on: measured once and kept in OUT/curriculum.json, so a resumed run
-        trains on the same one."""
-        path = self.out / CURRICULUM_FILE
-        if path.exists():
-            return json.loads(path.read_text())
-        table = measure_candidates(self.cfg, self.sampler, self.tok)
-        best = pick_candidate(table, self.cfg.curriculum_band)
-        choice = {"task": best["task"], "level": best["level"], "band": self.cfg.curriculum_band, "table": table}
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(path, choice)
-        rows = ", ".join(f"{r['task']}/{r['level']} {r['pass@1']:.2f}/{r['pass@k']:.2f} chance {r['chance']:.2f}/"
-                         f"{r['chance@k']:.2f} score {r['score']:+.2f}" for r in table)
-        print(f"grpo curriculum: {choice['task']} level {choice['level']} (pass@1/pass@{self.cfg.curriculum_samples}"
-              f": {rows})", file=sys.stderr)
-        return choice
+    @classmethod
+    def load(cls, cfg: GRPOConfig, init: str | Path, out: Path, section: str = "grpo") -> GRPOStage:
+        """The stage on a starting checkpoint, seeded, its curriculum chosen: what `grpo` trains."""
+        policy = start(cfg, str(init))
+        sampler = build_sampler(cfg, policy)
+        return cls(choose_curriculum(cfg, sampler, policy.tokenizer, out), policy, sampler, out, section)
+
+    def train(self, recipe: dict[str, Any] | None = None, resume: bool = False, progress: bool = False) -> Path:
+        """Run the post-training loop to max_steps or the time budget; held-out evaluation before the first step
+        and every eval_every steps. Returns the last checkpoint."""
+        return run(self, self.cfg, self.out, self.section, recipe or {}, self.policy, self.optimizer,
+                   self.cfg.max_steps, self.cfg.eval_every, resume, progress, validate_first=True)
 
     # --- 1-2. generation, rewards, dynamic sampling ----------------------------------------------------------
     def rollout(self) -> tuple[list[list[Sample]], list[list[float]], dict[str, Any]]:
@@ -431,10 +432,9 @@ class GRPOTrainer:
         return out
 
     # --- 5. update -------------------------------------------------------------------------------------------
-    def update(self, batch: Batch, lr: float) -> dict[str, float]:
+    def update(self, batch: Batch, optimizer_step: Callable[[], float]) -> dict[str, float]:
         cfg = self.cfg
         self.model.train()
-        set_lr(self.optimizer, lr)
         chunks = batch.chunks(cfg.micro_batch)
         tokens = batch.mask.sum()
         sums = {"loss": 0.0, "clip_frac": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0}
@@ -458,9 +458,7 @@ class GRPOTrainer:
                         sums[k] += float(stats[k]) * share
                 if mask.any():  # only completion positions: the [N, T, V] softmax would cost a forward pass
                     sums["entropy"] += float(token_entropy(logits[mask.bool()].detach()).mean()) * share
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step()
         if cfg.beta == 0:
             del sums["kl"]
         return {**sums, "grad_norm": grad_norm}
@@ -483,120 +481,79 @@ class GRPOTrainer:
                   f"or more samples per prompt", file=sys.stderr)
         return {"no_signal": int(not signal), "no_signal_streak": self.no_signal_streak}
 
-    # --- evaluation, checkpoints, the loop -------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
+    # --- the step, evaluation, checkpoints ------------------------------------------------------------------
+    def train_step(self, step: int, optimizer_step: Callable[[], float]) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.ref_refresh_every and self.ref is not None and step % cfg.ref_refresh_every == 0 and step > 0:
+            self.ref.load_state_dict(self.model.state_dict())
+        t0 = time.perf_counter()
+        groups, rewards, stats = self.rollout()
+        t1 = time.perf_counter()
+        update: dict[str, float] = {}
+        t2 = t3 = t1
+        batch = self.make_batch(groups, rewards) if groups else None
+        # no signal, no step: zero gradients would still move the weights by Adam's momentum (with β > 0 the KL
+        # term alone still pulls toward the reference)
+        if batch is not None and (batch.signal or (cfg.beta and batch.mask.any())):
+            if cfg.mu > 1:
+                batch.old_logps = self.logps(self.model.eval(), batch)
+            if self.ref is not None:
+                batch.ref_logps = self.logps(self.ref, batch)
+            t2 = time.perf_counter()
+            update = self.update(batch, optimizer_step)
+            t3 = time.perf_counter()
+        self.step = step + 1
+        health = self.check_signal(stats, batch is not None and batch.signal)
+        return {**stats, **health, **update, "time/generation": t1 - t0, "time/reference": t2 - t1,
+                "time/update": t3 - t2}
+
+    def validate(self) -> dict[str, float]:
+        """Held-out pass@1, pass@k and format on the recipe's tasks and levels ({} with a data file)."""
+        if not self.held_out:
+            return {}
         cfg = self.cfg
         result = evaluate(self.sampler, self.held_out, cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p,
                           seed=cfg.seed + 10_000)
         return {f"eval/{k}": v for k, v in result.items()}
 
-    def save(self, last: dict[str, Any]) -> Path:
-        extra = []
+    def extra_files(self) -> list[Path]:
+        files = []
         if self.ref is not None:  # the reference may have been refreshed: keep it so a resume continues exactly
             path = self.out / REFERENCE_FILE
             tmp = path.with_name(f".{path.name}.tmp")
             save_file({k: v.contiguous() for k, v in self.ref.state_dict().items()}, str(tmp))
             tmp.replace(path)
-            extra.append(path)
+            files.append(path)
         if (self.out / CURRICULUM_FILE).exists():  # the checkpoint says which task and level it was trained on
-            extra.append(self.out / CURRICULUM_FILE)
-        state = {"rl_seconds": self.rl_seconds, "prompts_used": self.prompts_used, "rng": self.rng.getstate(),
-                 "no_signal_streak": self.no_signal_streak}
-        return save_stage(self.out, self.step, self.model, self.optimizer, self.section, self.recipe,
-                          self.policy.checkpoint, state, self.cfg.keep_checkpoints, last, extra)
+            files.append(self.out / CURRICULUM_FILE)
+        return files
 
-    def resume(self) -> bool:
-        state = resume_stage(self.out, self.model, self.optimizer)
-        if state is None:
-            return False
-        self.step, self.rl_seconds = state["step"], state["rl_seconds"]
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompts_used": self.prompts_used, "rng": self.rng.getstate(),
+                "no_signal_streak": self.no_signal_streak}
+
+    def load_state_dict(self, state: dict[str, Any], checkpoint: Path) -> None:
+        self.step = state["step"]
         if self.ref is not None:
-            self.ref.load_state_dict(load_file(str(latest_checkpoint(self.out) / REFERENCE_FILE)))
-        for _ in range(state["prompts_used"]):  # continue the prompt stream where it stopped
+            self.ref.load_state_dict(load_file(str(checkpoint / REFERENCE_FILE)))
+        for _ in range(state["prompts_used"] - self.prompts_used):  # continue the prompt stream where it stopped
             next(self.prompts)
         self.prompts_used = state["prompts_used"]
         self.rng.setstate(state["rng"])
-        self.no_signal_streak = state.get("no_signal_streak", 0)
-        return True
+        self.no_signal_streak = state["no_signal_streak"]
 
-    def train(self, resume: bool = False) -> Path:
-        cfg = self.cfg
-        resumed = self.resume() if resume else False
-        self.out.mkdir(parents=True, exist_ok=True)
-        writer = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step)
-        if self.held_out and not resumed:
-            writer.write({"step": 0, **self.evaluate()})
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="grpo", unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
-        last: dict[str, Any] = {}
-        ckpt = None
-        try:
-            while self.step < cfg.max_steps:
-                if cfg.ref_refresh_every and self.ref is not None and self.step % cfg.ref_refresh_every == 0 \
-                        and self.step > 0:
-                    self.ref.load_state_dict(self.model.state_dict())
-                t0 = time.perf_counter()
-                groups, rewards, stats = self.rollout()
-                t1 = time.perf_counter()
-                lr = cfg.lr * lr_multiplier(self.step, cfg.max_steps, cfg.warmup_steps, "cosine", 1.0, 1.0)
-                update: dict[str, float] = {}
-                t2 = t3 = t1
-                batch = self.make_batch(groups, rewards) if groups else None
-                # no signal, no step: zero gradients would still move the weights by Adam's momentum (with β > 0
-                # the KL term alone still pulls toward the reference)
-                if batch is not None and (batch.signal or (cfg.beta and batch.mask.any())):
-                    if cfg.mu > 1:
-                        batch.old_logps = self.logps(self.model.eval(), batch)
-                    if self.ref is not None:
-                        batch.ref_logps = self.logps(self.ref, batch)
-                    t2 = time.perf_counter()
-                    update = self.update(batch, lr)
-                    t3 = time.perf_counter()
-                self.step += 1
-                passed = [m for m in cfg.save_at_s if self.rl_seconds < m <= self.rl_seconds + t3 - t0]
-                self.rl_seconds += t3 - t0
-                health = self.check_signal(stats, batch is not None and batch.signal)
-                last = {"step": self.step, **stats, **health, **update, "lr": lr, "time/generation": t1 - t0,
-                        "time/reference": t2 - t1, "time/update": t3 - t2, "time/rl_total": self.rl_seconds}
-                out_of_time = 0 < cfg.time_budget_s <= self.rl_seconds
-                done = self.step == cfg.max_steps or out_of_time
-                if self.held_out and (done or (cfg.eval_every and self.step % cfg.eval_every == 0)):
-                    last.update(self.evaluate())
-                writer.write(last)
-                bar.set_postfix(reward=f"{stats['reward']:.3f}", acc=f"{stats.get('accuracy', 0):.2f}")
-                bar.update(1)
-                if done or passed or (cfg.save_every and self.step % cfg.save_every == 0):
-                    ckpt = self.save(last)
-                if done:
-                    if out_of_time:
-                        print(f"grpo: time budget of {cfg.time_budget_s:.0f}s of RL reached at step {self.step}",
-                              file=sys.stderr)
-                    break
-        finally:
-            bar.close()
-            writer.close()
-        return ckpt or latest_checkpoint(self.out)
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {"reward": f"{metrics['reward']:.3f}", "acc": f"{metrics.get('accuracy', 0):.2f}"}
 
 
 def grpo(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = None, resume: bool = False,
          progress: bool = True, section: str = "grpo") -> Path:
     """Run GRPO from `init` (default: recipe [grpo].init); returns the final checkpoint directory.
     `section` names the recipe table (R1 has two RL stages)."""
-    cfg = from_dict(GRPOConfig, recipe.get(section), section)
-    cfg.validate(section)
-    init = str(init or cfg.init)
-    if not init:
-        raise ValueError(f"[{section}] init: no starting checkpoint (set it or pass --init)")
-    out = Path(out_dir)
-    check_fresh_run(out, resume)
+    cfg, out, init = prepare(GRPOConfig, recipe, section, out_dir, init, resume)
     recipe = {**recipe, section: asdict(cfg) | {"init": init}}
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return GRPOTrainer(cfg, recipe, out, init, progress, section).train(resume)
-    finally:
-        torch.set_num_threads(threads)  # later stages of the same process get the machine back
+    with threads(cfg.threads):
+        return GRPOStage.load(cfg, init, out, section).train(recipe, resume, progress)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

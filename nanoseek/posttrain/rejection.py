@@ -31,9 +31,10 @@ from nanoseek.data.synth import make_problems
 from nanoseek.data.synth.games import GAMES
 from nanoseek.data.tokenizer import CONTROL_TOKENS
 from nanoseek.model.hf import write_json
+from nanoseek.posttrain.loop import pick_device
 from nanoseek.posttrain.preferences import write_jsonl
 from nanoseek.posttrain.rollout import Prompt, Sample, Sampler, is_correct, problem_prompt, record_prompt
-from nanoseek.posttrain.sft import pick_device, record_style
+from nanoseek.posttrain.sft import record_style
 from nanoseek.posttrain.stage import add_stage_arguments, load_policy, read_jsonl
 from nanoseek.rewards import format_reward, language_consistency_reward, repetition_penalty
 

@@ -16,7 +16,6 @@ import math
 import random
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,27 +24,25 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from nanoseek.config import from_dict, load_recipe
+from nanoseek.config import load_recipe
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model.hf import write_json
 from nanoseek.model.transformer import Transformer
+from nanoseek.posttrain.loop import Stage, TrainConfig, pick_device, prepare, run, start, threads
 from nanoseek.posttrain.losses import bradley_terry_loss
 from nanoseek.posttrain.preferences import Pair, load_pairs, pair_batch
-from nanoseek.posttrain.sft import pick_device
 from nanoseek.posttrain.stage import (
     TOKENIZER_FILES,
+    Policy,
     add_stage_arguments,
-    check_fresh_run,
     load_policy,
     pad_right,
     skipped_note,
     split_validation,
 )
 from nanoseek.rewards import completion_text
-from nanoseek.train.metrics import MetricsWriter
-from nanoseek.train.optim import build_optimizer, lr_multiplier, set_lr
+from nanoseek.train.optim import build_optimizer
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -121,8 +118,7 @@ def reward_function(path: str | Path, device: str | torch.device = "cpu", batch:
 
 
 @dataclass
-class RewardModelConfig:
-    init: str = ""
+class RewardModelConfig(TrainConfig):
     data: str = ""  # preference JSONL (prompt, chosen, rejected)
     max_tokens: int = 512
     skip_invalid: bool = False
@@ -130,81 +126,88 @@ class RewardModelConfig:
     warmup_steps: int = 5
     batch_size: int = 8
     epochs: float = 2.0
-    max_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     center_coef: float = 0.01  # keeps scores centred near 0 (TRL's center_rewards_coefficient)
     val_fraction: float = 0.1
     val_every: int = 20
-    seed: int = 0
-    device: str = "auto"
+
+    def validate(self, section: str = "reward_model") -> None:
+        super().validate(section)
+        if self.max_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"[{section}] max_tokens and batch_size must be >= 1")
+        if self.epochs <= 0 or self.center_coef < 0 or self.val_every < 0 or not 0 <= self.val_fraction < 1:
+            raise ValueError(f"[{section}] need epochs > 0, center_coef >= 0, val_every >= 0 and "
+                             f"0 <= val_fraction < 1")
+
+
+class RewardModelStage(Stage):
+    """The pairwise Bradley-Terry loss on chosen / rejected scores, pairs in a fresh seeded order each epoch."""
+
+    def __init__(self, cfg: RewardModelConfig, model: RewardModel, pad: int, train: list[Pair], val: list[Pair],
+                 device: torch.device):
+        self.cfg, self.model, self.pad, self.train, self.val, self.device = cfg, model, pad, train, val, device
+        self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.train)))
+        random.Random(self.cfg.seed * 1000 + epoch).shuffle(order)
+        batch = [self.train[j] for j in order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]]
+        scores = pair_scores(self.model, batch, self.pad, self.device)
+        loss = bradley_terry_loss(scores[0], scores[1], center_coef=self.cfg.center_coef)
+        return loss, {"accuracy": (scores[0] > scores[1]).float().mean().item(),
+                      "margin": (scores[0] - scores[1]).mean().item()}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        if not self.val:
+            return {}
+        self.model.eval()
+        size = self.cfg.batch_size
+        scores = torch.cat([pair_scores(self.model, self.val[i:i + size], self.pad, self.device)
+                            for i in range(0, len(self.val), size)], dim=1)
+        self.model.train()
+        return {"val_loss": bradley_terry_loss(scores[0], scores[1]).item(),
+                "val_accuracy": (scores[0] > scores[1]).float().mean().item()}
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{metrics['loss']:.3f}", "acc": f"{metrics['accuracy']:.2f}"}
 
 
 def train_reward_model(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = None,
                        data: str | Path | None = None, progress: bool = True) -> Path:
     """Train a reward model from `init`'s backbone on preference pairs; returns the checkpoint directory
-    (OUT/model). Short enough not to need resuming: a rerun into a fresh directory starts over."""
-    cfg = from_dict(RewardModelConfig, recipe.get("reward_model"), "reward_model")
-    init, data = str(init or cfg.init), str(data or cfg.data)
-    if not init or not data:
-        raise ValueError("[reward_model] needs init (a checkpoint) and data (preference JSONL)")
-    out = Path(out_dir)
-    check_fresh_run(out, resume=False)
+    (OUT/model), written when training ends (and every save_every steps). Short enough not to need resuming: a
+    rerun into a fresh directory starts over."""
+    cfg, out, init = prepare(RewardModelConfig, recipe, "reward_model", out_dir, init, resume=False)
+    data = str(data or cfg.data)
+    if not data:
+        raise ValueError("[reward_model] data: no preference JSONL (set it or pass --data)")
     out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    policy = load_policy(init, device)
-    model = RewardModel(policy.model).to(device).train()
-    tok = policy.tokenizer
-    pairs, skipped = load_pairs(data, tok, cfg.max_tokens, cfg.skip_invalid)
-    if note := skipped_note(skipped, "pairs", cfg.max_tokens):
-        print(f"reward-model: {note}", file=sys.stderr)
-    train, val = split_validation(pairs, cfg.val_fraction, cfg.seed)
-    if not train:
-        raise ValueError(f"{data}: no usable preference pairs" + (note and f" ({note})"))
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    writer = MetricsWriter(out / "metrics.jsonl")
-    writer.write({"event": "data", "step": 0, "train_pairs": len(train), "val_pairs": len(val), "skipped": skipped})
+    with threads(cfg.threads):
+        policy = start(cfg, init)
+        device = pick_device(cfg.device)
+        model = RewardModel(policy.model).to(device).train()
+        tok = policy.tokenizer
+        pairs, skipped = load_pairs(data, tok, cfg.max_tokens, cfg.skip_invalid)
+        if note := skipped_note(skipped, "pairs", cfg.max_tokens):
+            print(f"reward-model: {note}", file=sys.stderr)
+        train, val = split_validation(pairs, cfg.val_fraction, cfg.seed)
+        if not train:
+            raise ValueError(f"{data}: no usable preference pairs" + (note and f" ({note})"))
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+        stage = RewardModelStage(cfg, model, tok.pad_id, train, val, device)
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * stage.steps_per_epoch))
+        recipe = {**recipe, "reward_model": asdict(cfg) | {"init": init, "data": data}}
 
-    @torch.no_grad()
-    def validate() -> dict[str, float]:
-        model.eval()
-        scores = torch.cat([pair_scores(model, val[i:i + cfg.batch_size], tok.pad_id, device)
-                            for i in range(0, len(val), cfg.batch_size)], dim=1)
-        model.train()
-        return {"val_loss": bradley_terry_loss(scores[0], scores[1]).item(),
-                "val_accuracy": (scores[0] > scores[1]).float().mean().item()}
+        def save(step: int, last: dict[str, Any]) -> Path:  # the reward model's own format, replaced whole
+            meta = {"stage": "reward_model", "step": step, "recipe": recipe, "metrics": last}
+            return model.save(out / "model", policy.checkpoint, meta)
 
-    last: dict[str, Any] = {}
-    with tqdm(total=total, desc="reward-model", unit="step", disable=not progress, dynamic_ncols=True) as bar:
-        for step in range(1, total + 1):
-            epoch, i = divmod(step - 1, steps_per_epoch)
-            idx = list(range(len(train)))
-            random.Random(cfg.seed * 1000 + epoch).shuffle(idx)
-            batch = [train[j] for j in idx[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
-            lr = cfg.lr * lr_multiplier(step - 1, total, cfg.warmup_steps, "cosine", 0.0, 0.1)
-            set_lr(optimizer, lr)
-            t0 = time.perf_counter()
-            scores = pair_scores(model, batch, tok.pad_id, device)
-            loss = bradley_terry_loss(scores[0], scores[1], center_coef=cfg.center_coef)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            last = {"step": step, "loss": loss.item(), "accuracy": (scores[0] > scores[1]).float().mean().item(),
-                    "margin": (scores[0] - scores[1]).mean().item(), "lr": lr, "grad_norm": float(grad_norm),
-                    "step_time": time.perf_counter() - t0}
-            if val and (step == total or (cfg.val_every and step % cfg.val_every == 0)):
-                last.update(validate())
-            writer.write(last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}")
-            bar.update(1)
-    writer.close()
-    meta = {"stage": "reward_model", "step": total, "recipe": {**recipe, "reward_model": asdict(cfg)},
-            "metrics": last}
-    return model.save(out / "model", policy.checkpoint, meta)
+        # the loop's model is the whole reward model (backbone and head): both are trained and clipped together
+        trained = Policy(model, tok, policy.checkpoint)
+        return run(stage, cfg, out, "reward_model", recipe, trained, optimizer, total, cfg.val_every,
+                   progress=progress, data={"train_pairs": len(train), "val_pairs": len(val), "skipped": skipped},
+                   save=save)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,6 @@ import argparse
 import math
 import random
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,61 +31,44 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from nanoseek.config import from_dict, load_recipe
 from nanoseek.data.tokenizer import CONTROL_TOKENS, Tokenizer
-from nanoseek.posttrain.stage import (
-    add_stage_arguments,
-    check_fresh_run,
-    load_policy,
-    pad_right,
-    read_jsonl,
-    resume_stage,
-    save_stage,
-    skipped_note,
-    split_validation,
-)
-from nanoseek.train.checkpoint import latest_checkpoint
-from nanoseek.train.metrics import MetricsWriter
-from nanoseek.train.optim import build_optimizer, lr_multiplier, set_lr
+from nanoseek.posttrain.loop import Stage, TrainConfig, pick_device, prepare, run, start, threads
+from nanoseek.posttrain.stage import add_stage_arguments, pad_right, read_jsonl, skipped_note, split_validation
+from nanoseek.train.optim import build_optimizer
 
 STYLES = ("reasoning", "instruct")
 
 
 @dataclass
-class SFTConfig:
-    init: str = ""  # starting checkpoint or run directory (the pipeline passes the previous stage)
+class SFTConfig(TrainConfig):
     data: list[str] = field(default_factory=list)  # JSONL files; empty -> the built-in sft.jsonl
     mix: dict[str, float] = field(default_factory=lambda: {"reasoning": 0.7, "instruct": 0.3})
     seq_len: int = 512
     batch_size: int = 8  # rows per optimizer step
     epochs: float = 2.0  # R1 fine-tunes for 2 epochs; ignored when max_steps > 0
-    max_steps: int = 0
-    time_budget_s: float = 0.0  # stop (and save) after this many seconds; 0 = no limit
     lr: float = 3e-4
     warmup_steps: int = 10
-    final_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     val_fraction: float = 0.05
     val_every: int = 50
     skip_invalid: bool = False
     # logit distillation (used by `nanoseek distill`): loss = (1-α)·CE + α·τ²·KL(teacher_τ || student_τ)
     kd_alpha: float = 0.0
     kd_temperature: float = 1.0
-    seed: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    device: str = "auto"
 
-    def validate(self) -> None:
+    def validate(self, section: str = "sft") -> None:
+        super().validate(section)
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"[sft] {name}={getattr(self, name)} must be >= 1")
+                raise ValueError(f"[{section}] {name}={getattr(self, name)} must be >= 1")
+        if self.epochs <= 0 or self.val_every < 0 or not 0 <= self.val_fraction < 1:
+            raise ValueError(f"[{section}] need epochs > 0, val_every >= 0 and 0 <= val_fraction < 1")
+        if not 0 <= self.kd_alpha <= 1 or self.kd_temperature <= 0:
+            raise ValueError(f"[{section}] need 0 <= kd_alpha <= 1 and kd_temperature > 0")
         unknown = sorted(set(self.mix) - set(STYLES))
         if unknown or not any(w > 0 for w in self.mix.values()) or any(w < 0 for w in self.mix.values()):
-            raise ValueError(f"[sft] mix={self.mix}: weights >= 0 over {STYLES}, at least one positive")
+            raise ValueError(f"[{section}] mix={self.mix}: weights >= 0 over {STYLES}, at least one positive")
 
 
 # --- records ------------------------------------------------------------------------------------------------
@@ -255,10 +237,44 @@ def default_data(recipe: dict[str, Any], name: str) -> Path:
     return builtin_synth_dir(root, cfg.docs, cfg.seed) / name
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+class SFTStage(Stage):
+    """Packed conversations in the recipe's style mix, a fresh seeded order each epoch; loss on assistant tokens."""
+
+    def __init__(self, cfg: SFTConfig, model: torch.nn.Module, tokenizer: Tokenizer, train: list[Example],
+                 val: list[Example], device: torch.device, teacher: torch.nn.Module | None):
+        self.cfg, self.model, self.tok, self.train, self.device, self.teacher = cfg, model, tokenizer, train, device, \
+            teacher
+        self.val = pack(val, cfg.seq_len + 1, tokenizer.pad_id) if val else None
+        self.epoch, self.cursor = 0, 0  # cursor: the next row of this epoch's packed rows
+        self.tokens, self.labels = self.epoch_rows(0)
+
+    def epoch_rows(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        order = mixed_order(self.train, self.cfg.mix, len(self.train), random.Random(self.cfg.seed * 1000 + epoch))
+        return pack(order, self.cfg.seq_len + 1, self.tok.pad_id)
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.cursor >= len(self.tokens):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self.tokens, self.labels = self.epoch_rows(self.epoch)
+        rows = slice(self.cursor, self.cursor + self.cfg.batch_size)
+        self.cursor += self.cfg.batch_size
+        loss, n = assistant_loss(self.model, self.tokens[rows].to(self.device), self.labels[rows].to(self.device),
+                                 self.teacher, self.cfg.kd_alpha, self.cfg.kd_temperature)
+        return loss, {"tokens": n, "epoch": self.epoch}
+
+    def validate(self) -> dict[str, Any]:
+        if self.val is None:
+            return {}
+        tokens, labels = self.val
+        return {"val_loss": validation_loss(self.model, tokens.to(self.device), labels.to(self.device),
+                                            self.cfg.batch_size)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any], checkpoint: Path) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.tokens, self.labels = self.epoch_rows(self.epoch)
 
 
 def sft(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = None,
@@ -267,82 +283,25 @@ def sft(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = N
     """Fine-tune `init` (default: recipe [sft].init) on conversations; returns the final checkpoint directory.
     `section` names the recipe table, so a recipe can hold several SFT stages (R1: cold start, then SFT on
     rejection samples); `teacher` (same tokenizer) enables logit distillation with the table's kd_alpha."""
-    cfg = from_dict(SFTConfig, recipe.get(section), section)
-    cfg.validate()
-    init = str(init or cfg.init)
-    if not init:
-        raise ValueError(f"[{section}] init: no starting checkpoint (set it or pass --init)")
+    cfg, out, init = prepare(SFTConfig, recipe, section, out_dir, init, resume)
     paths = [Path(p) for p in (data or cfg.data)] or [default_data(recipe, "sft.jsonl")]
-    out = Path(out_dir)
-    check_fresh_run(out, resume)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    policy = load_policy(init, device)
-    model, tok = policy.model, policy.tokenizer
-
-    examples, skipped = load_examples(paths, tok, cfg.seq_len + 1, cfg.skip_invalid)
-    if note := skipped_note(skipped, "conversations", cfg.seq_len + 1):
-        print(f"{section}: {note}", file=sys.stderr)
-    train, val = split_validation(examples, cfg.val_fraction, cfg.seed)
-    if not train:
-        raise ValueError(f"no usable training conversations in {[str(p) for p in paths]}" + (note and f" ({note})"))
-    val_tokens, val_labels = pack(val, cfg.seq_len + 1, tok.pad_id) if val else (None, None)
-
-    def epoch_rows(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        order = mixed_order(train, cfg.mix, len(train), random.Random(cfg.seed * 1000 + epoch))
-        return pack(order, cfg.seq_len + 1, tok.pad_id)
-
-    tokens, labels = epoch_rows(0)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(tokens) / cfg.batch_size))
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    recipe = {**recipe, section: asdict(cfg) | {"init": init, "data": [str(p) for p in paths]}}
-    step, epoch, cursor = 0, 0, 0  # cursor: the next row of this epoch's packed rows
-    if resume and (state := resume_stage(out, model, optimizer)) is not None:
-        step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
-        tokens, labels = epoch_rows(epoch)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(out / "metrics.jsonl", resume_step=step)
-    writer.write({"event": "data", "step": step, "train_conversations": len(train), "val_conversations": len(val),
-                  "rows_per_epoch": len(tokens), "skipped": skipped})
-    start = time.perf_counter()
-    last: dict[str, Any] = {}
-    ckpt = None
-    bar = tqdm(total=total, initial=step, desc=section, unit="step", disable=not progress, dynamic_ncols=True)
-    try:
-        while step < total:
-            if cursor >= len(tokens):
-                epoch, cursor = epoch + 1, 0
-                tokens, labels = epoch_rows(epoch)
-            rows = slice(cursor, cursor + cfg.batch_size)
-            cursor += cfg.batch_size
-            lr = cfg.lr * lr_multiplier(step, total, cfg.warmup_steps, "cosine", 0.0, cfg.final_lr_ratio)
-            set_lr(optimizer, lr)
-            t0 = time.perf_counter()
-            loss, n = assistant_loss(model, tokens[rows].to(device), labels[rows].to(device), teacher,
-                                     cfg.kd_alpha, cfg.kd_temperature)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-                    "tokens": n, "epoch": epoch, "step_time": time.perf_counter() - t0}
-            done = step == total or 0 < cfg.time_budget_s < time.perf_counter() - start
-            if val_tokens is not None and (done or (cfg.val_every and step % cfg.val_every == 0)):
-                last["val_loss"] = validation_loss(model, val_tokens.to(device), val_labels.to(device),
-                                                   cfg.batch_size)
-            writer.write(last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}")
-            bar.update(1)
-            if done or (cfg.save_every and step % cfg.save_every == 0):
-                ckpt = save_stage(out, step, model, optimizer, section, recipe, policy.checkpoint,
-                                  {"epoch": epoch, "cursor": cursor}, cfg.keep_checkpoints, last)
-            if done:
-                break
-    finally:
-        bar.close()
-        writer.close()
-    return ckpt or latest_checkpoint(out)
+    with threads(cfg.threads):
+        policy = start(cfg, init)
+        examples, skipped = load_examples(paths, policy.tokenizer, cfg.seq_len + 1, cfg.skip_invalid)
+        if note := skipped_note(skipped, "conversations", cfg.seq_len + 1):
+            print(f"{section}: {note}", file=sys.stderr)
+        train, val = split_validation(examples, cfg.val_fraction, cfg.seed)
+        if not train:
+            raise ValueError(f"no usable training conversations in {[str(p) for p in paths]}"
+                             + (note and f" ({note})"))
+        stage = SFTStage(cfg, policy.model, policy.tokenizer, train, val, pick_device(cfg.device), teacher)
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(stage.tokens) / cfg.batch_size))
+        optimizer = build_optimizer(policy.model, cfg.lr, cfg.weight_decay)
+        recipe = {**recipe, section: asdict(cfg) | {"init": init, "data": [str(p) for p in paths]}}
+        data_event = {"train_conversations": len(train), "val_conversations": len(val),
+                      "rows_per_epoch": len(stage.tokens), "skipped": skipped}
+        return run(stage, cfg, out, section, recipe, policy, optimizer, total, cfg.val_every, resume, progress,
+                   data=data_event)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.posttrain.dpo import dpo
-from nanoseek.posttrain.grpo import GRPOConfig, GRPOTrainer, prompt_stream
+from nanoseek.posttrain.grpo import GRPOConfig, GRPOStage, prompt_stream
 from nanoseek.posttrain.preferences import load_pairs
 from nanoseek.posttrain.reward_model import train_reward_model
 from nanoseek.posttrain.sft import load_examples, sft
@@ -198,4 +198,4 @@ def test_grpo_refuses_a_prompt_over_max_prompt_tokens(policy_dir, tmp_path):
     cfg = GRPOConfig(data=str(path), max_prompt_tokens=32, prompts_per_step=1, num_generations=2, max_new_tokens=4,
                      rewards={"language": 1.0}, eval_problems=0, dynamic_sampling=False, device="cpu")
     with pytest.raises(ValueError, match="max_prompt_tokens=32"):
-        GRPOTrainer(cfg, {}, tmp_path / "run", str(policy_dir), progress=False).rollout()
+        GRPOStage.load(cfg, str(policy_dir), tmp_path / "run").rollout()

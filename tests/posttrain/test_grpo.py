@@ -6,7 +6,7 @@ import json
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.posttrain.grpo import GRPOConfig, GRPOTrainer, grpo, guess_rates, headroom, pick_candidate
+from nanoseek.posttrain.grpo import GRPOConfig, GRPOStage, grpo, guess_rates, headroom, pick_candidate
 from nanoseek.posttrain.losses import token_logps
 from nanoseek.posttrain.rollout import Sample, record_prompt
 from nanoseek.train.metrics import read_metrics
@@ -43,7 +43,7 @@ def test_grpo_step_metrics_checkpoint_and_resume(policy_dir, tmp_path):
 def test_dynamic_sampling_drops_groups_without_signal(policy_dir, tmp_path):
     # an untrained model never answers correctly: every accuracy group is all zeros, so every group is dropped
     cfg = GRPOConfig(**{**BASE, "rewards": {"accuracy": 1.0}, "dynamic_sampling": True, "max_sampling_rounds": 2})
-    trainer = GRPOTrainer(cfg, {}, tmp_path, str(policy_dir), progress=False)
+    trainer = GRPOStage.load(cfg, str(policy_dir), tmp_path)
     groups, rewards, stats = trainer.rollout()
     assert groups == [] and stats["frac_reward_zero_std"] == 1.0 and stats["sampling_rounds"] == 2
     assert trainer.prompts_used == 4
@@ -51,7 +51,7 @@ def test_dynamic_sampling_drops_groups_without_signal(policy_dir, tmp_path):
 
 def test_batch_masks_exactly_the_completion_tokens(policy_dir, tmp_path):
     cfg = GRPOConfig(**{**BASE, "mask_truncated": True, "num_generations": 2})
-    trainer = GRPOTrainer(cfg, {}, tmp_path, str(policy_dir), progress=False)
+    trainer = GRPOStage.load(cfg, str(policy_dir), tmp_path)
     tok = Tokenizer.load(policy_dir)
     prompt = record_prompt(tok, {"question": "What is 2 + 2?", "answer": "4"}, "r1_zero", "test")
     done = Sample(prompt, [5, 6, tok.end_answer_id], "x", truncated=False)
@@ -70,7 +70,7 @@ def test_micro_batches_are_cut_to_their_rows_without_changing_log_probs(policy_d
     """Chunks of short rows skip the padding the longest row forces on the batch; the log-probabilities of the
     completion tokens are the ones one full-width forward gives."""
     cfg = GRPOConfig(**{**BASE, "mask_truncated": False, "num_generations": 3, "micro_batch": 1})
-    trainer = GRPOTrainer(cfg, {}, tmp_path, str(policy_dir), progress=False)
+    trainer = GRPOStage.load(cfg, str(policy_dir), tmp_path)
     prompt = record_prompt(trainer.tok, {"question": "What is 2 + 2?", "answer": "4"}, "r1_zero", "test")
     rows = [Sample(prompt, list(range(5, 5 + n)), "x", truncated=False) for n in (2, 9, 5)]
     batch = trainer.make_batch([rows], [[1.0, 0.0, 0.5]])
@@ -115,7 +115,7 @@ def test_guess_rates_come_from_the_answers():
 def test_auto_curriculum_is_measured_once_and_kept(policy_dir, tmp_path):
     cfg = GRPOConfig(**{**BASE, "curriculum": "auto", "tasks": {"arithmetic": 1.0, "logic": 1.0},
                         "difficulty": [1, 2], "curriculum_prompts": 2, "curriculum_samples": 2})
-    trainer = GRPOTrainer(cfg, {}, tmp_path, str(policy_dir), progress=False)
+    trainer = GRPOStage.load(cfg, str(policy_dir), tmp_path)
     choice = json.loads((tmp_path / "curriculum.json").read_text())
     assert len(choice["table"]) == 4 and {r["task"] for r in choice["table"]} == {"arithmetic", "logic"}
     logic = next(r for r in choice["table"] if r["task"] == "logic")
@@ -124,5 +124,5 @@ def test_auto_curriculum_is_measured_once_and_kept(policy_dir, tmp_path):
     assert all(p.columns["task"] == choice["task"] for p in trainer.held_out)
     choice["task"], choice["level"] = "logic", 2  # a resumed run reads the file rather than measuring again
     (tmp_path / "curriculum.json").write_text(json.dumps(choice))
-    again = GRPOTrainer(cfg, {}, tmp_path, str(policy_dir), progress=False)
+    again = GRPOStage.load(cfg, str(policy_dir), tmp_path)
     assert again.cfg.tasks == {"logic": 1.0} and again.cfg.difficulty == [2]

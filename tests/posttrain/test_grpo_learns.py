@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from nanoseek.eval.report import signal_warnings
-from nanoseek.posttrain.grpo import GRPOConfig, GRPOTrainer, grpo
+from nanoseek.posttrain.grpo import GRPOConfig, GRPOStage, grpo
 from nanoseek.posttrain.rollout import Sampler, evaluate, record_prompt
 from nanoseek.posttrain.sft import sft
 from nanoseek.posttrain.stage import load_policy
@@ -101,13 +101,13 @@ def test_a_run_without_signal_says_so_and_leaves_the_weights_alone(policy_dir, t
     # one step with signal gives Adam momentum; the steps without signal after it must not move the weights
     monkeypatch.setitem(REWARDS, "length", lambda completions, **_: [float(len(c)) for c in completions])
     cfg = GRPOConfig(**{**base, "rewards": {"length": 1.0}, "mask_truncated": False, "max_steps": 1})
-    trainer = GRPOTrainer(cfg, {}, tmp_path / "flat", str(policy_dir), progress=False)
+    trainer = GRPOStage.load(cfg, str(policy_dir), tmp_path / "flat")
     trainer.train()
     assert trainer.optimizer.state
     trainer.rewards = build_rewards({"accuracy": 1.0})
     trainer.cfg = replace(cfg, max_steps=4)
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.train()
+    trainer.train(resume=True)  # continue in memory: step 2 onwards
     err = capsys.readouterr().err
     assert "2 steps in a row without learning signal" in err and "equal rewards (mean 0.00)" in err
     assert "mask_truncated" not in err
