@@ -66,9 +66,9 @@ def nanoseek_config(args: argparse.Namespace):
 
 def run_nanoseek(model_dir: Path, args: argparse.Namespace) -> tuple[list[dict[str, float]], float]:
     """Per-step phase times (warm-up dropped) and the mean completion length."""
+    from nanoseek.infer.rollout import Sampler
     from nanoseek.posttrain.grpo import GRPOStage
     from nanoseek.posttrain.loop import optimizer_step
-    from nanoseek.posttrain.rollout import Sampler
     from nanoseek.train.optim import set_lr
 
     class TimedSampler(Sampler):

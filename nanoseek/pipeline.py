@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
+from nanoseek.common import write_json
 from nanoseek.config import from_dict, load_recipe
 from nanoseek.eval.evaluate import DEFAULT_TASKS
 from nanoseek.eval.games import GAMES
 from nanoseek.eval.tasks import load_task
-from nanoseek.model.hf import write_json
 
 
 @dataclass

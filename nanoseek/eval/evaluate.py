@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nanoseek.common import write_json, write_jsonl
 from nanoseek.eval.games import GAMES, optimal_player, play_match, random_player, text_player
 from nanoseek.eval.metrics import (
     bits_per_byte,
@@ -41,8 +40,8 @@ from nanoseek.eval.metrics import (
     mean_pass_at_k,
 )
 from nanoseek.eval.tasks import LETTERS, EvalTask, Example, choice_prompt, load_task
+from nanoseek.infer.rollout import TEMPLATES, render
 from nanoseek.infer.verify import judge
-from nanoseek.posttrain.rollout import TEMPLATES, render
 from nanoseek.rewards import extract_answer, grounding_reward
 
 DEFAULT_TASKS = ("arithmetic", "word_problems", "logic", "multihop", "countdown")
@@ -277,15 +276,6 @@ def _speed(gen: Generator, questions: Sequence[str], seed: int) -> dict[str, Any
     return {"latency_b1_s": seconds / len(questions), "tokens_per_s_b1": tokens / seconds if seconds else None}
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: int = 8, n: int = 50, *,
              template: str = "auto", temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128,
              difficulty: int | list[int] = 1, seed: int = 0, threshold: float = 0.5, games: int = 20,
@@ -299,9 +289,8 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
     consistency) when only the sampled metrics are needed. Returns {"model", "checkpoint", "template",
     "settings", "tasks": {task: metrics}, "bpb", "speed", "wall_seconds"}; with `out`, also writes
     OUT/results.json and every sample to OUT/samples.jsonl."""
-    from nanoseek import load
     from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.model.hf import resolve_checkpoint
+    from nanoseek.model.hf import load, resolve_checkpoint
 
     if k < 1 or n < 1 or games < 1 or batch < 1 or max_new_tokens < 1:
         raise ValueError(f"k, n, games, batch and max_new_tokens must be >= 1, got {k}, {n}, {games}, {batch}, "
@@ -357,11 +346,8 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
     }
     if out is not None:
         out = Path(out)
-        _write_json(out / "results.json", result)
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".samples.jsonl.")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in samples)
-        os.replace(tmp, out / "samples.jsonl")
+        write_json(out / "results.json", result)
+        write_jsonl(out / "samples.jsonl", samples)
     return result
 
 

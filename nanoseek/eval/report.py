@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 import torch
 
+from nanoseek.common import atomic_write
 from nanoseek.eval.metrics import bootstrap_ci, paired_bootstrap_ci, stratified_bootstrap_ci
 from nanoseek.train.metrics import read_metrics
 
@@ -343,10 +343,7 @@ def _pyplot():
 
 def _save(fig, path: Path) -> None:
     """Atomic PNG write: a reader never sees half an image."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def plot_curves(metrics: dict[str, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
@@ -541,10 +538,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 # --- entry point ------------------------------------------------------------------------------------------
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_report(run_dir: str | Path, stages: Sequence[dict[str, Any]], evals: dict[str, dict[str, Any]] | None = None,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.common import read_jsonl as read_records
 from nanoseek.data.synth import TASKS as SYNTH_TASKS
 from nanoseek.data.synth import Problem, eval_expression, make_problems
 from nanoseek.eval.metrics import same_answer
@@ -111,8 +112,6 @@ def _arithmetic_choice(n: int, seed: int, difficulty: int | list[int]) -> EvalTa
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-empty line of a task file; a clear error naming file and line otherwise."""
-    from nanoseek.posttrain.stage import read_jsonl as read_records
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such task file")
@@ -213,7 +212,7 @@ def load_task(spec: str, n: int | None = None, seed: int = 0, difficulty: int | 
 
 
 # --- prompts ----------------------------------------------------------------------------------------------
-# Generative prompts are rendered by `nanoseek.posttrain.rollout.render` (R1-Zero or chat template), the same ids
+# Generative prompts are rendered by `nanoseek.infer.rollout.render` (R1-Zero or chat template), the same ids
 # RL trains on; multiple choice uses a plain-text prompt for every model.
 
 def choice_prompt(question: str, choices: list[str]) -> str:

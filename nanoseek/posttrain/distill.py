@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 
+from nanoseek.common import pick_device, write_json, write_jsonl
 from nanoseek.config import from_dict, load_recipe
 from nanoseek.data.synth import r1_zero_prompt
+from nanoseek.infer.rollout import Prompt, Sample, Sampler
 from nanoseek.model import Transformer, preset
-from nanoseek.model.hf import resolve_checkpoint, write_json
-from nanoseek.posttrain.loop import pick_device
-from nanoseek.posttrain.preferences import write_jsonl
+from nanoseek.model.hf import resolve_checkpoint
 from nanoseek.posttrain.rejection import FilterConfig, sample_and_select, sft_record, training_prompts
-from nanoseek.posttrain.rollout import Prompt, Sample, Sampler
 from nanoseek.posttrain.sft import sft
 from nanoseek.posttrain.stage import load_policy
 

@@ -22,12 +22,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nanoseek.common import pick_device, write_jsonl
 from nanoseek.config import load_recipe
 from nanoseek.data.synth import make_problems
-from nanoseek.posttrain.loop import Stage, TrainConfig, pick_device, prepare, run, start, threads
+from nanoseek.infer.rollout import TEMPLATES, Sampler, problem_prompt
+from nanoseek.posttrain.loop import Stage, TrainConfig, prepare, run, start, threads
 from nanoseek.posttrain.losses import dpo_loss
-from nanoseek.posttrain.preferences import Pair, load_pairs, pair_batch, verified_pairs, write_jsonl
-from nanoseek.posttrain.rollout import TEMPLATES, Sampler, problem_prompt
+from nanoseek.posttrain.preferences import Pair, load_pairs, pair_batch, verified_pairs
 from nanoseek.posttrain.stage import add_stage_arguments, sequence_logps, skipped_note, split_validation
 from nanoseek.train.optim import build_optimizer
 

@@ -42,19 +42,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanoseek.common import read_jsonl, write_json
 from nanoseek.config import load_recipe
 from nanoseek.data.synth import make_problems
-from nanoseek.model.hf import write_json
-from nanoseek.posttrain.loop import Stage, TrainConfig, prepare, run, start, threads
-from nanoseek.posttrain.losses import (
-    LOSS_TYPES,
-    REWARD_SCALES,
-    group_advantages,
-    grpo_loss,
-    token_entropy,
-    token_logps,
-)
-from nanoseek.posttrain.rollout import (
+from nanoseek.infer.rollout import (
     TEMPLATES,
     Prompt,
     Sample,
@@ -65,7 +56,16 @@ from nanoseek.posttrain.rollout import (
     problem_prompt,
     record_prompt,
 )
-from nanoseek.posttrain.stage import Policy, add_stage_arguments, pad_right, read_jsonl
+from nanoseek.posttrain.loop import Stage, TrainConfig, prepare, run, start, threads
+from nanoseek.posttrain.losses import (
+    LOSS_TYPES,
+    REWARD_SCALES,
+    group_advantages,
+    grpo_loss,
+    token_entropy,
+    token_logps,
+)
+from nanoseek.posttrain.stage import Policy, add_stage_arguments, pad_right
 from nanoseek.rewards import build_rewards, format_reward, score
 from nanoseek.train.optim import build_optimizer
 

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from nanoseek.common import pick_device
 from nanoseek.config import from_dict
 from nanoseek.posttrain.stage import Policy, check_fresh_run, load_policy, resume_stage, save_stage
 from nanoseek.train.checkpoint import latest_checkpoint
@@ -82,12 +83,6 @@ class TrainConfig:
                 torch.device(self.device)
             except RuntimeError as e:
                 raise bad("device", "expected auto, cpu, cuda, cuda:N or mps") from e
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,6 @@ with skip_invalid a counted skip; a pair longer than the token limit is skipped 
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,10 +21,11 @@ from typing import Any
 
 import torch
 
+from nanoseek.common import read_jsonl
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.posttrain.rollout import Prompt, Sample, Sampler, is_correct
+from nanoseek.infer.rollout import Prompt, Sample, Sampler, is_correct
 from nanoseek.posttrain.sft import validate_messages
-from nanoseek.posttrain.stage import pad_right, read_jsonl
+from nanoseek.posttrain.stage import pad_right
 
 
 @dataclass
@@ -104,11 +103,3 @@ def verified_pairs(sampler: Sampler, prompts: Sequence[Prompt], k: int, temperat
     """Sample k completions per prompt, grade them, and pair a correct with an incorrect one per prompt
     (prompts the model always or never solves give no pair)."""
     return pair_samples(sampler.sample(prompts, k, temperature, seed=seed), random.Random(seed))
-
-
-def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, path)

@@ -26,16 +26,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from nanoseek.common import pick_device, read_jsonl, write_json, write_jsonl
 from nanoseek.config import from_dict, load_recipe
 from nanoseek.data.synth import make_problems
 from nanoseek.data.synth.games import GAMES
 from nanoseek.data.tokenizer import CONTROL_TOKENS
-from nanoseek.model.hf import write_json
-from nanoseek.posttrain.loop import pick_device
-from nanoseek.posttrain.preferences import write_jsonl
-from nanoseek.posttrain.rollout import Prompt, Sample, Sampler, is_correct, problem_prompt, record_prompt
+from nanoseek.infer.rollout import Prompt, Sample, Sampler, is_correct, problem_prompt, record_prompt
 from nanoseek.posttrain.sft import record_style
-from nanoseek.posttrain.stage import add_stage_arguments, load_policy, read_jsonl
+from nanoseek.posttrain.stage import add_stage_arguments, load_policy
 from nanoseek.rewards import format_reward, language_consistency_reward, repetition_penalty
 
 

@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nanoseek.common import pick_device, write_json
 from nanoseek.config import load_recipe
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.model.hf import write_json
 from nanoseek.model.transformer import Transformer
-from nanoseek.posttrain.loop import Stage, TrainConfig, pick_device, prepare, run, start, threads
+from nanoseek.posttrain.loop import Stage, TrainConfig, prepare, run, start, threads
 from nanoseek.posttrain.losses import bradley_terry_loss
 from nanoseek.posttrain.preferences import Pair, load_pairs, pair_batch
 from nanoseek.posttrain.stage import (

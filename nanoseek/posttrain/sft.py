@@ -32,10 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nanoseek.common import pick_device, read_jsonl
 from nanoseek.config import from_dict, load_recipe
 from nanoseek.data.tokenizer import CONTROL_TOKENS, Tokenizer
-from nanoseek.posttrain.loop import Stage, TrainConfig, pick_device, prepare, run, start, threads
-from nanoseek.posttrain.stage import add_stage_arguments, pad_right, read_jsonl, skipped_note, split_validation
+from nanoseek.posttrain.loop import Stage, TrainConfig, prepare, run, start, threads
+from nanoseek.posttrain.stage import add_stage_arguments, pad_right, skipped_note, split_validation
 from nanoseek.train.optim import build_optimizer
 
 STYLES = ("reasoning", "instruct")

@@ -9,9 +9,8 @@ stage loads OUT like any checkpoint (`nanoseek.load(OUT)`), and `--resume` conti
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,30 +47,6 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", train: boo
     model = load(ckpt, device=device)
     model.mtp.requires_grad_(False)
     return Policy(model.train(train), Tokenizer.load(ckpt), ckpt)
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line; a line that is not UTF-8 or not a JSON object is an error
-    naming it. Lines are decoded one by one (a text-mode file would fail on a bad byte without saying which
-    line); a UTF-8 byte-order mark, as some editors write, is allowed at the start of the file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from e
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
-            yield i, record
 
 
 def skipped_note(skipped: dict[str, int], unit: str, max_tokens: int) -> str:

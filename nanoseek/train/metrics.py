@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nanoseek.common import atomic_write
 
 # Dense (non-sparse) matmul peaks in FLOP/s for common accelerators: (name substring, dtype) -> peak.
 GPU_PEAKS: dict[tuple[str, torch.dtype], float] = {
@@ -64,10 +64,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def truncate_after(path: Path, step: int) -> None:
     """Atomically drop records of steps after `step` (and a torn last line): the state a resume starts from."""
     keep = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
 # --- model FLOPs utilisation --------------------------------------------------------------------------------

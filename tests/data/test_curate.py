@@ -256,9 +256,8 @@ def test_parallel_workers_and_cluster_ranks_give_the_serial_result(corpus, tmp_p
 
 
 def test_builtin_eval_splits_are_registered_and_disjoint_from_the_synth_corpus(tmp_path):
-    synth = pytest.importorskip("nanoseek.data.synth")
-    if not hasattr(synth, "write_synth"):
-        pytest.skip("nanoseek.data.synth has no write_synth yet")
+    from nanoseek.data import synth
+
     synth.write_synth(tmp_path / "synth", docs=100, sft=5, rl=5)
     problem = synth.make_problems("word_problems", 300, seed=0, difficulty=[1, 2, 3], split="eval")[7]
     leak = tmp_path / "leak.jsonl"

@@ -288,7 +288,8 @@ def test_written_set_is_deterministic(synth_dir: Path, tmp_path: Path) -> None:
 def test_training_text_passes_curation_decontamination(synth_dir: Path) -> None:
     """The curation stage's own checker, with the built-in eval splits and this run's eval files registered,
     and without its boilerplate allowance (every shared n-gram counts), flags no training text."""
-    decontam = pytest.importorskip("nanoseek.data.curate.decontam")
+    from nanoseek.data.curate import decontam
+
     config = decontam.DecontamConfig(builtin_per_level=50, builtin_seeds=(0, 3), max_item_frequency=10**9,
                                      paths=(str(synth_dir / "eval"),))
     index = decontam.load_index(config)

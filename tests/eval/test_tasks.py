@@ -8,8 +8,7 @@ import pytest
 from nanoseek.data.synth import split_of
 from nanoseek.eval.tasks import BUILTIN, choice_prompt, load_task
 from nanoseek.rewards import extract_answer
-
-GSM8K = Path("/work/shared/data/gsm8k/train.jsonl")
+from tests import GSM8K
 
 
 def r1(think: str, answer: str) -> str:

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
+from nanoseek.common import read_jsonl
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.posttrain.dpo import dpo
 from nanoseek.posttrain.grpo import GRPOConfig, GRPOStage, prompt_stream
 from nanoseek.posttrain.preferences import load_pairs
 from nanoseek.posttrain.reward_model import train_reward_model
 from nanoseek.posttrain.sft import load_examples, sft
-from nanoseek.posttrain.stage import read_jsonl
 from nanoseek.train.metrics import read_metrics
 
 GOOD = "<think>\n2 + 2 = 4\n</think>\n<answer>\n4\n</answer>"

@@ -6,9 +6,9 @@ import json
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer.rollout import Sample, record_prompt
 from nanoseek.posttrain.grpo import GRPOConfig, GRPOStage, grpo, guess_rates, headroom, pick_candidate
 from nanoseek.posttrain.losses import token_logps
-from nanoseek.posttrain.rollout import Sample, record_prompt
 from nanoseek.train.metrics import read_metrics
 
 # the share of Latin-script words in random text varies from sample to sample: a reward with signal even for

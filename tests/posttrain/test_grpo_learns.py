@@ -10,8 +10,8 @@ from dataclasses import replace
 import torch
 
 from nanoseek.eval.report import signal_warnings
+from nanoseek.infer.rollout import Sampler, evaluate, record_prompt
 from nanoseek.posttrain.grpo import GRPOConfig, GRPOStage, grpo
-from nanoseek.posttrain.rollout import Sampler, evaluate, record_prompt
 from nanoseek.posttrain.sft import sft
 from nanoseek.posttrain.stage import load_policy
 from nanoseek.rewards import REWARDS, build_rewards

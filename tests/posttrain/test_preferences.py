@@ -7,10 +7,10 @@ import pytest
 
 import nanoseek
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer.rollout import Sample, Sampler, record_prompt
 from nanoseek.posttrain.dpo import dpo
 from nanoseek.posttrain.preferences import load_pairs, pair_samples, verified_pairs
 from nanoseek.posttrain.reward_model import RewardModel, reward_function, train_reward_model
-from nanoseek.posttrain.rollout import Sample, Sampler, record_prompt
 from nanoseek.train.metrics import read_metrics
 
 GOOD = "<think>\n2 + 2 = 4\n</think>\n<answer>\n4\n</answer>"

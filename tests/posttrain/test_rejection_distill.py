@@ -9,10 +9,10 @@ import torch
 import nanoseek
 from nanoseek.data.synth.games import game_sft_record
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer.rollout import Sample, record_prompt
 from nanoseek.model import Transformer
 from nanoseek.posttrain.distill import distill, is_nanoseek_checkpoint
 from nanoseek.posttrain.rejection import FilterConfig, mixed_in_records, reject_reason, rejection, select, sft_record
-from nanoseek.posttrain.rollout import Sample, record_prompt
 from nanoseek.posttrain.sft import sft
 from nanoseek.train.metrics import read_metrics
 

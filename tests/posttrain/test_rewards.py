@@ -4,7 +4,6 @@ import json
 import logging
 import math
 import random
-from pathlib import Path
 
 import pytest
 
@@ -26,8 +25,7 @@ from nanoseek.rewards import (
     steps_reward,
     tag_count_reward,
 )
-
-GSM8K = Path("/work/shared/data/gsm8k/train.jsonl")
+from tests import GSM8K
 
 
 def r1(think: str, answer: str) -> str:

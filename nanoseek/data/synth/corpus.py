@@ -16,15 +16,14 @@ reach, on purpose: a game is judged on play, and its docstring says why.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nanoseek.common import write_json, write_jsonl
 from nanoseek.data.synth.games import NIM_DOCUMENTS, game_document, game_sft_record
 from nanoseek.data.synth.tasks import (
     EVAL_FRACTION,
@@ -83,19 +82,6 @@ def weighted_levels(levels: Sequence[int]) -> list[int]:
     small model can actually learn, dominate, while harder ones still appear."""
     lcm = math.lcm(*levels)
     return [d for d in sorted(levels) for _ in range(lcm // d)]
-
-
-def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    """Write records atomically (temporary file, then rename); returns the count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
 
 
 class _CleanProblems:
@@ -296,9 +282,7 @@ def write_synth(output: str | Path, docs: int = 5000, seed: int = 0, difficulty:
             "regenerated_documents": regenerated,
         },
     }
-    tmp = out / f"synth.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "synth.json")
+    write_json(out / "synth.json", manifest)
     return manifest
 
 

@@ -45,11 +45,6 @@ def pronoun(name: str) -> tuple[str, str]:
     return PRONOUNS[_PRONOUN_OF[name]]
 
 
-def has_verb(name: str) -> str:
-    """'has' or 'have', agreeing with the name's pronoun when the pronoun is the subject."""
-    return "have" if _PRONOUN_OF[name] == "they" else "has"
-
-
 def count_noun(n: int, obj: tuple[str, str]) -> str:
     """'1 apple', '3 apples'."""
     return f"{n} {obj[0] if n == 1 else obj[1]}"
