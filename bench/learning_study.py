@@ -96,7 +96,7 @@ def pretrain_minutes(run: Run, steps_list: list[int], out: Path, cfg: EvalConfig
     target = rl_target(run.recipe, table, run.stage_dir("r1_zero"))
     template = from_dict(GRPOConfig, run.recipe[table], table).template
     own = run.recipe["pretrain"]["max_steps"]
-    study = Run(fixed_table(run.recipe, table, target), out, progress=False)
+    study = Run(out, fixed_table(run.recipe, table, target), progress=False)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "data").exists():
         os.symlink((run.out / "data").resolve(), out / "data")  # the run's data: the same tokens, not rebuilt
@@ -169,7 +169,7 @@ def main() -> int:
         print(f"learning_study: {args.run} is not a finished `nanoseek run` directory (no eval/stage.json)",
               file=sys.stderr)
         return 2
-    run = Run(json.loads((args.run / "recipe.json").read_text()), args.run, progress=False)
+    run = Run(args.run, json.loads((args.run / "recipe.json").read_text()), progress=False)
     cfg = from_dict(EvalConfig, run.recipe["eval"], "eval")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "study.json"

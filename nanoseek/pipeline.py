@@ -26,9 +26,9 @@ threads for every stage.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ from nanoseek.config import from_dict, load_recipe
 from nanoseek.eval.evaluate import DEFAULT_TASKS
 from nanoseek.eval.games import GAMES
 from nanoseek.eval.tasks import load_task
+from nanoseek.posttrain.stage import Runner
 
 
 @dataclass
@@ -199,17 +200,11 @@ def describe_target(target: tuple[list[str], list[int]]) -> str:
 
 
 @dataclass
-class Run:
-    recipe: dict[str, Any]
-    out: Path
+class Run(Runner):
+    """The default run's stages: the post-training runner plus the recipe they all read."""
+
+    recipe: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
-
-    def stage_dir(self, name: str) -> Path:
-        return self.out / name
-
-    def done(self, name: str) -> dict[str, Any] | None:
-        marker = self.stage_dir(name) / "stage.json"
-        return json.loads(marker.read_text()) if marker.exists() else None
 
     def checkpoint(self, name: str) -> Path:
         """The checkpoint a finished stage produced."""
@@ -218,31 +213,6 @@ class Run:
     def synth(self, name: str) -> Path:
         """A file of the built-in data set this run's data stage wrote (sft.jsonl, rl.jsonl, eval/...)."""
         return self.stage_dir("data") / "synth" / name
-
-    def rel(self, path: Path) -> str:
-        return str(Path(path).relative_to(self.out))
-
-    def run_stage(self, name: str, fn: Callable[[Run, bool], dict[str, Any]]) -> dict[str, Any]:
-        """Run stage `name` unless it finished before. fn(run, resume) gets resume=True when the stage's
-        directory exists without stage.json (an interrupted stage: continue from its last checkpoint)."""
-        finished = self.done(name)
-        if finished is not None:
-            print(f"[{name}] already done ({finished['wall_seconds']:.0f}s) - skipping")
-            return finished
-        resume = self.stage_dir(name).exists()
-        print(f"[{name}] {'resuming' if resume else 'starting'}")
-        start = time.perf_counter()
-        info = fn(self, resume)
-        info = {"name": name, "wall_seconds": time.perf_counter() - start, **info}
-        self.stage_dir(name).mkdir(parents=True, exist_ok=True)
-        write_json(self.stage_dir(name) / "stage.json", info)
-        print(f"[{name}] done in {info['wall_seconds']:.0f}s" + (f": {_brief(info['metrics'])}"
-                                                                 if info.get("metrics") else ""))
-        return info
-
-
-def _brief(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
 def _metrics(stage_dir: Path) -> list[dict[str, Any]]:
@@ -418,7 +388,7 @@ def stage_student_rl(run: Run, resume: bool) -> dict[str, Any]:
     two at equal cost."""
     budget = run.done("rejection")["wall_seconds"] + run.done("distill")["wall_seconds"]
     recipe = {**run.recipe, "grpo_student": {**run.recipe["grpo_student"], "time_budget_s": budget}}
-    info = _grpo_stage(Run(recipe, run.out, run.progress), "student_rl", "grpo_student",
+    info = _grpo_stage(Run(run.out, recipe, run.progress), "student_rl", "grpo_student",
                        run.checkpoint("student_base"), resume)
     info["metrics"]["time_budget_s"] = budget
     return info
@@ -546,14 +516,14 @@ def run_pipeline(recipe: dict[str, Any], out: str | Path, progress: bool = True)
     recipe = with_seed(recipe)
     check_recipe(recipe)
     cfg = from_dict(RunConfig, recipe.get("run"), "run")
-    run = Run(recipe, Path(out), progress)
+    run = Run(Path(out), recipe, progress)
     run.out.mkdir(parents=True, exist_ok=True)
     write_json(run.out / "recipe.json", recipe)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return [run.run_stage(name, fn) for name, fn in STAGES]
+        return [run.run_stage(name, functools.partial(fn, run)) for name, fn in STAGES]
     finally:
         torch.set_num_threads(threads)
 

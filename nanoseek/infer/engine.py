@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.infer.decoder import CompiledStep, Decoder
+from nanoseek.infer.decoder import Decoder
 from nanoseek.infer.sampling import Penalties, RowParams, SamplingParams, row_generator, sample
 from nanoseek.model.mla import LatentCache
 
@@ -185,7 +185,7 @@ class Engine(Backend):
     max_batch: rows of the cache (concurrent samples); max_len: columns (default: the model's context);
     speculative: draft one token per step with the first MTP module and verify it (`nanoseek.infer.speculative`);
     fast: decode with `nanoseek.infer.decoder.Decoder` (False: the model's own `forward_cached`, the reference);
-    compile: run decode steps as one `torch.compile` graph (`CompiledStep`, needs fast=True): several times
+    compile: run decode steps as one `torch.compile` graph (`Decoder(compile=True)`, needs fast=True): several times
     faster per token at small batches, after a one-off compilation per batch size (~1 min on 2 CPU cores), so
     meant for long-lived engines (server, benchmarks, RL rollouts with a fixed batch), not for one short call.
     """
@@ -194,10 +194,9 @@ class Engine(Backend):
                  speculative: bool = False, fast: bool = True, compile: bool = False):
         cfg = model.config
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.decoder = Decoder(model) if fast else None
         if compile and not fast:
             raise ValueError("compile=True needs fast=True (the reference path stays eager)")
-        self.compiled = CompiledStep(model) if compile else None
+        self.decoder = Decoder(model, compile) if fast else None
         self._recording = False  # routing hooks on: the compiled graph would not run them, use the eager path
         self.max_batch = max_batch
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -357,10 +356,8 @@ class Engine(Backend):
     def forward(self, ids: torch.Tensor, n: int, start: int, positions: torch.Tensor) -> torch.Tensor:
         """ids [n, t] of the first n rows at columns start.. (start > 0) -> final hidden state [n, t, D]."""
         mask = self.mask(n, start + ids.shape[1])
-        if self.compiled is not None and not self._recording:
-            return self.compiled(ids, positions, start, mask, self.view(n))
         if self.decoder is not None:
-            return self.decoder.forward(ids, self.view(n), start, mask, positions)
+            return self.decoder.forward(ids, self.view(n), start, mask, positions, eager=self._recording)
         return self.model.forward_cached(ids, self.view(n), start, key_mask=mask, positions=positions, hidden=True)
 
     def view(self, n: int) -> LatentCache:

@@ -69,14 +69,9 @@ class MTPDrafter:
         n, t = next_ids.shape
         if positions is None:
             positions = torch.arange(start, start + t, device=h.device)
-        decoder, compiled = self.engine.decoder, self.engine.compiled
-        if start > 0 and compiled is not None:  # the engine's compiled step (same math)
-            x = compiled.mtp(h, next_ids, positions.expand(n, t), start, key_mask, cache)
-        elif start > 0 and decoder is not None:  # the engine's fast decode path (same math as the model's)
-            m = self.mtp
-            x = m.eh_proj(torch.cat([norm(m.enorm, self.model.embed(next_ids)), norm(m.hnorm, h)], dim=-1))
-            rot, bias = decoder.prepare(positions, key_mask, start, t)
-            x = decoder.block(m.block, x, rot, cache, start, bias)
+        decoder = self.engine.decoder
+        if start > 0 and decoder is not None:  # the engine's decode step (same math as the model's)
+            x = decoder.mtp(h, next_ids, positions, start, key_mask, cache)
         else:
             x = self.mtp.combine(h, self.model.embed(next_ids))
             cos, sin = self.model.rotary(positions)

@@ -1,11 +1,11 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3).
 
 Keys and values are compressed into one latent per token, c_kv [kv_lora_rank], plus one rotary key k_pe
-[qk_rope_head_dim] shared by all heads. Two equivalent ways to attend:
-
-- naive (training, prefill): expand the latent through kv_b_proj into per-head k_nope and v, then SDPA;
-- absorbed (decode): fold W_UK into the query and W_UV into the output, so attention runs directly on the cached
-  latents. The cache then holds only c_kv and k_pe: 576 numbers per token per layer for V3 instead of 40,960.
+[qk_rope_head_dim] shared by all heads; a cache holds only those: 576 numbers per token per layer for V3 instead
+of 40,960. This module is the definition: it expands the latents through kv_b_proj into per-head k_nope and v
+and attends with SDPA, in training, prefill and (through the cache) decoding alike. The engine decodes with the
+equivalent absorbed form, W_UK folded into the query and W_UV into the output so attention runs on the latents
+themselves (`nanoseek.infer.decoder`), and is tested against this one.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class MLA(nn.Module):
         self.kv_rank = cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
         H, D, bias = self.n_heads, cfg.hidden_size, cfg.attention_bias
-        if cfg.q_lora_rank is None:
+        self.low_rank_q = cfg.q_lora_rank is not None  # q through a normed low-rank latent (V3), or one projection
+        if not self.low_rank_q:
             self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=bias)
@@ -67,7 +68,7 @@ class MLA(nn.Module):
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> q_nope [B, T, H, nope], q_pe [B, T, H, rope] (rotated)."""
         B, T, _ = x.shape
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.low_rank_q else self.q_proj(x)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
@@ -80,60 +81,52 @@ class MLA(nn.Module):
                 start: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] at positions given by cos/sin -> [B, T, D].
 
-        With a cache, the new latents are written at [start, start + T). A prefill (start == 0) attends with the
-        naive path; later calls (decode, speculative verification) attend to the cache through absorbed weights.
-        key_mask [B, S] marks valid (non-padding) key positions.
+        With a cache, the new latents are written at [start, start + T) and the queries attend to every cached
+        column up to their own (decode and speculative verification when start > 0). key_mask [B, S] marks valid
+        (non-padding) key positions.
         """
         q_nope, q_pe = self.project_q(x, cos, sin)
         c_kv, k_pe = self.project_kv(x, cos, sin)
+        end = start + x.shape[1]
         if cache is not None:
-            end = start + x.shape[1]
-            cache.c_kv[self.layer_idx, :, start:end] = c_kv.to(cache.c_kv.dtype)
-            cache.k_pe[self.layer_idx, :, start:end] = k_pe.to(cache.k_pe.dtype)
+            L = self.layer_idx
+            cache.c_kv[L, :, start:end] = c_kv.to(cache.c_kv.dtype)
+            cache.k_pe[L, :, start:end] = k_pe.to(cache.k_pe.dtype)
             if start > 0:
-                c_all, pe_all = cache.c_kv[self.layer_idx, :, :end], cache.k_pe[self.layer_idx, :, :end]
-                mask = None if key_mask is None else key_mask[:, :end]
-                return self.attend_absorbed(q_nope, q_pe, c_all.to(x.dtype), pe_all.to(x.dtype), start, mask)
-        mask = None if key_mask is None else key_mask[:, : x.shape[1]]
-        return self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
+                c_kv, k_pe = cache.c_kv[L, :, :end].to(x.dtype), cache.k_pe[L, :, :end].to(x.dtype)
+        return self.attend(q_nope, q_pe, c_kv, k_pe, start, None if key_mask is None else key_mask[:, :end])
 
-    def attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+               start: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries q_* [B, T, H, *] at columns start..start+T-1 over keys c_kv [B, S, kv_rank], k_pe [B, S, rope],
+        S = start + T: each query sees the valid keys up to its own column."""
         B, T, H, _ = q_nope.shape
-        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim)
+        S = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, nope+rope]
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
         # SDPA's fused CPU/GPU kernels need v's head dim to match q/k's: zero-pad v, slice the output back.
         v = F.pad(v, (0, q.shape[-1] - self.v_dim)).transpose(1, 2)
-        if key_mask is None:
+        if key_mask is None and start == 0:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(key_mask, T), scale=self.scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(key_mask, T, start, S, q.device),
+                                               scale=self.scale)
         o = o[..., : self.v_dim]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
-    def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                        start: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """q_* [B, T, H, *] for positions start..start+T-1; c_kv [B, S, kv_rank], k_pe [B, S, rope], S = start+T."""
-        B, T, H, _ = q_nope.shape
-        S = c_kv.shape[1]
-        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, nope, r], [H, v, r]
-        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)  # query absorbed into latent space
-        scores = torch.einsum("bthr,bsr->bhts", q_lat, c_kv) + torch.einsum("bthp,bsp->bhts", q_pe, k_pe)
-        scores = scores.float() * self.scale
-        allowed = torch.arange(S, device=c_kv.device) <= (start + torch.arange(T, device=c_kv.device))[:, None]
-        if key_mask is not None:
-            allowed = allowed & key_mask[:, None, None, :]  # [B, 1, T, S]
-        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(c_kv.dtype)
-        o_lat = torch.einsum("bhts,bsr->bthr", probs, c_kv)
-        o = torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
-        return self.o_proj(o.reshape(B, T, H * self.v_dim))
 
-
-def causal_mask(key_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """[B, T] valid-key mask -> boolean SDPA mask [B, 1, T, T]; each query always sees itself (no empty rows)."""
-    causal = torch.ones(T, T, dtype=torch.bool, device=key_mask.device).tril()
-    eye = torch.eye(T, dtype=torch.bool, device=key_mask.device)
-    return (causal & key_mask[:, None, None, :]) | eye
+def causal_mask(key_mask: torch.Tensor | None, T: int, start: int = 0, S: int | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean SDPA mask [B or 1, 1, T, S] for queries at columns start..start+T-1: the valid keys (key_mask
+    [B, S], None: all) up to each query's own column. In a prefill each query also sees itself, so a left-padding
+    query has no empty row (later queries always have the prompt's keys)."""
+    S = start + T if S is None else S
+    device = key_mask.device if key_mask is not None else device
+    cols = torch.arange(S, device=device)
+    own = start + torch.arange(T, device=device)[:, None]  # [T, 1]
+    allowed = (cols <= own)[None, None]  # [1, 1, T, S]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    return allowed | (cols == own) if start == 0 else allowed

@@ -8,8 +8,9 @@
     4-sft            SFT of the *base* on that data                                           [sft]
     5-final-rl       GRPO again: reasoning rules (+ a reward model, if the recipe names one)  [grpo_final]
 
-Each stage writes its own directory under OUT; a rerun skips the stages already finished, so an interrupted
-recipe continues where it stopped.
+Each stage writes its own directory under OUT and, when it finishes, OUT/<stage>/stage.json (the runner that
+`nanoseek run` uses); a rerun skips the stages already finished, so an interrupted recipe continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -24,50 +25,29 @@ from nanoseek.model.hf import resolve_checkpoint
 from nanoseek.posttrain.grpo import grpo
 from nanoseek.posttrain.rejection import rejection
 from nanoseek.posttrain.sft import sft
-from nanoseek.train.checkpoint import latest_checkpoint
+from nanoseek.posttrain.stage import Runner
 
 STAGES = ("1-cold-start", "2-reasoning-rl", "3-rejection", "4-sft", "5-final-rl")
 
 
-def result(stage_dir: Path) -> Path | None:
-    """A finished stage's output (its data file or last checkpoint); None while unfinished. A marker file,
-    present while a stage runs, tells a finished stage from an interrupted one."""
-    if (stage_dir / ".running").exists():
-        return None
-    if stage_dir.name == "3-rejection":
-        path = stage_dir / "sft.jsonl"
-        return path if path.exists() else None
-    return latest_checkpoint(stage_dir)
-
-
-def run_stage(stage_dir: Path, run: Callable[[bool], Path]) -> Path:
-    """Run a stage unless it finished before; an interrupted stage resumes."""
-    done = result(stage_dir)
-    if done is not None:
-        print(f"r1: {stage_dir.name} already done: {done}")
-        return done
-    marker = stage_dir / ".running"
-    resume = marker.exists()
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    output = run(resume)
-    marker.unlink()
-    return output
-
-
 def r1(recipe: dict[str, Any], out_dir: str | Path, base: str | Path, progress: bool = True) -> Path:
     """The five R1 stages from `base`; returns the final RL checkpoint."""
-    out, base = Path(out_dir), resolve_checkpoint(base)
-    d = [out / s for s in STAGES]
-    cold = run_stage(d[0], lambda resume: sft(
-        recipe, d[0], init=base, resume=resume, progress=progress, section="sft_cold"))
-    reasoning = run_stage(d[1], lambda resume: grpo(
-        recipe, d[1], init=cold, resume=resume, progress=progress, section="grpo_reasoning"))
-    data = run_stage(d[2], lambda resume: rejection(recipe, d[2], init=reasoning, progress=progress))
-    tuned = run_stage(d[3], lambda resume: sft(
-        recipe, d[3], init=base, data=[data], resume=resume, progress=progress, section="sft"))
-    return run_stage(d[4], lambda resume: grpo(
-        recipe, d[4], init=tuned, resume=resume, progress=progress, section="grpo_final"))
+    runner, base = Runner(Path(out_dir)), resolve_checkpoint(base)
+
+    def stage(name: str, train: Callable[[Path, bool], Path]) -> Path:
+        """Run one stage (train(stage_dir, resume) -> its output) unless it finished before; its output."""
+        info = runner.run_stage(name, lambda resume: {"output": runner.rel(train(runner.stage_dir(name), resume))})
+        return runner.out / info["output"]
+
+    cold = stage(STAGES[0], lambda d, resume: sft(
+        recipe, d, init=base, resume=resume, progress=progress, section="sft_cold"))
+    reasoning = stage(STAGES[1], lambda d, resume: grpo(
+        recipe, d, init=cold, resume=resume, progress=progress, section="grpo_reasoning"))
+    data = stage(STAGES[2], lambda d, resume: rejection(recipe, d, init=reasoning, progress=progress))
+    tuned = stage(STAGES[3], lambda d, resume: sft(
+        recipe, d, init=base, data=[data], resume=resume, progress=progress, section="sft"))
+    return stage(STAGES[4], lambda d, resume: grpo(
+        recipe, d, init=tuned, resume=resume, progress=progress, section="grpo_final"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

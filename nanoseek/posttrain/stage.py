@@ -1,5 +1,5 @@
-"""What every post-training stage shares: the starting model and its tokenizer, JSONL records with their line
-numbers, padded batches and sequence log-probabilities, the optimizer schedule, and checkpoints.
+"""What every post-training stage shares: the starting model and its tokenizer, padded batches and sequence
+log-probabilities, validation splits, checkpoints, and the runner that runs stages one after another.
 
 A stage writes what pretraining writes (`nanoseek.train.checkpoint`): OUT/checkpoints/step_N/ with config.json,
 model.safetensors, the tokenizer files and nanoseek.json naming the stage, plus OUT/metrics.jsonl. The next
@@ -9,14 +9,17 @@ stage loads OUT like any checkpoint (`nanoseek.load(OUT)`), and `--resume` conti
 from __future__ import annotations
 
 import argparse
+import json
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nanoseek.common import write_json
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model.hf import load, resolve_checkpoint
 from nanoseek.model.transformer import Transformer
@@ -131,3 +134,42 @@ def add_stage_arguments(parser: argparse.ArgumentParser, table: str, out_help: s
         parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@dataclass
+class Runner:
+    """Runs named stages into one directory, each once (`nanoseek run`, `nanoseek r1`). A stage is finished when
+    OUT/<name>/stage.json exists: written last and atomically, it holds the stage's wall time and what its function
+    returned (outputs as paths relative to OUT, metrics). A stage directory without it was interrupted: its
+    function is called again with resume=True and continues from its last checkpoint."""
+
+    out: Path
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def done(self, name: str) -> dict[str, Any] | None:
+        """A finished stage's record (its stage.json), None if it has not finished."""
+        marker = self.stage_dir(name) / "stage.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def rel(self, path: str | Path) -> str:
+        return str(Path(path).relative_to(self.out))
+
+    def run_stage(self, name: str, fn: Callable[[bool], dict[str, Any]]) -> dict[str, Any]:
+        """Run stage `name` unless it finished before: fn(resume) returns the stage's record."""
+        finished = self.done(name)
+        if finished is not None:
+            print(f"[{name}] already done ({finished['wall_seconds']:.0f}s) - skipping")
+            return finished
+        resume = self.stage_dir(name).exists()
+        print(f"[{name}] {'resuming' if resume else 'starting'}")
+        start = time.perf_counter()
+        info = {"name": name, "wall_seconds": 0.0, **fn(resume)}
+        info["wall_seconds"] = time.perf_counter() - start
+        self.stage_dir(name).mkdir(parents=True, exist_ok=True)
+        write_json(self.stage_dir(name) / "stage.json", info)
+        brief = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in info.get("metrics", {}).items())
+        print(f"[{name}] done in {info['wall_seconds']:.0f}s" + (f": {brief}" if brief else ""))
+        return info

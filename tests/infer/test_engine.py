@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.infer.decoder import CompiledStep, Decoder
+from nanoseek.infer.decoder import Decoder
 from nanoseek.infer.engine import Engine, Request
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import LatentCache, Transformer, preset
@@ -55,39 +55,12 @@ def test_greedy_tokens_are_the_argmax_of_the_full_forward():
         assert argmax.tolist() == c.tokens
 
 
-def test_decoder_matches_the_model_with_holes_and_several_tokens():
-    """The fast decode path equals the model's own cached forward on a ragged cache (key_mask holes, own
-    positions per row) for one and for two new tokens."""
-    model = random_model(3)
-    cfg = model.config
-    torch.manual_seed(4)
-    B, S = 3, 20
-    ids = torch.randint(3, 512, (B, S + 1))
-    key_mask = torch.rand(B, S + 2) > 0.3
-    key_mask[:, S - 1:] = True
-    positions = torch.stack([torch.arange(S - 1, S + 1) + i for i in range(B)])
-    for t in (1, 2):
-        caches = []
-        for _ in range(2):
-            cache = LatentCache.empty(cfg, B, S + 2, layers=cfg.num_hidden_layers)
-            with torch.no_grad():
-                model.forward_cached(ids[:, :S - 1], cache, 0)
-            caches.append(cache)
-        new = ids[:, S - 1:S - 1 + t]
-        with torch.no_grad():
-            ref = model.forward_cached(new, caches[0], S - 1, key_mask=key_mask, positions=positions[:, :t],
-                                       hidden=True)
-        got = Decoder(model).forward(new, caches[1], S - 1, key_mask, positions[:, :t])
-        assert (got - ref).abs().max().item() <= 1e-5
-        assert torch.allclose(caches[0].c_kv, caches[1].c_kv, atol=1e-6)
-
-
-
-@pytest.mark.slow  # two torch.compile runs (~20 s each on 2 CPU cores)
-def test_compiled_step_matches_the_model_with_holes_and_several_tokens():
-    """The compiled step (whole-cache attention under a mask, gathered or dense experts) equals the model's own
-    cached forward on a ragged cache, and writes the same latents, for one and two new tokens."""
-    model = random_model(3, num_experts_per_tok=2)
+@pytest.mark.parametrize("compile", [False, True])
+def test_decoder_matches_the_model_with_holes_and_several_tokens(compile):
+    """The one decode implementation, eager and compiled (a power-of-two cache prefix under a mask, gathered or
+    dense experts), equals the model's own cached forward on a ragged cache (key_mask holes, own positions per
+    row, a speculative hole among the new tokens) for one and two new tokens, and writes the same latents."""
+    model = random_model(3, num_experts_per_tok=2, num_hidden_layers=2)
     cfg = model.config
     torch.manual_seed(4)
     B, S = 3, 20
@@ -96,7 +69,7 @@ def test_compiled_step_matches_the_model_with_holes_and_several_tokens():
     key_mask[:, S - 1:] = True
     key_mask[0, S] = False  # a speculative hole among the new tokens
     positions = torch.stack([torch.arange(S - 1, S + 1) + i for i in range(B)])
-    step = CompiledStep(model)
+    decoder = Decoder(model, compile=compile)
     for t in (1, 2):
         caches = []
         for _ in range(2):
@@ -108,7 +81,7 @@ def test_compiled_step_matches_the_model_with_holes_and_several_tokens():
         with torch.no_grad():
             ref = model.forward_cached(new, caches[0], S - 1, key_mask=key_mask, positions=positions[:, :t],
                                        hidden=True)
-        got = step(new, positions[:, :t], S - 1, key_mask, caches[1])
+        got = decoder.forward(new, caches[1], S - 1, key_mask, positions[:, :t])
         assert (got - ref).abs().max().item() <= 1e-5
         assert torch.allclose(caches[0].c_kv, caches[1].c_kv, atol=1e-6)
         assert torch.allclose(caches[0].k_pe, caches[1].k_pe, atol=1e-6)
