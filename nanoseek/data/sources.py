@@ -3,8 +3,11 @@ HF `datasets` saved with `save_to_disk`, and web archives (WARC with HTML-to-tex
 
 Every record read yields exactly one item: a `Document`, or a `Reject` naming the file, the record's line (or row,
 or archive record number, 1-based) and the reason, so the curation accounting can prove that nothing was lost.
-Problems with a whole input (a missing path, an unreadable file, a Parquet file without the text column) are
-raised by `discover` before any work starts, all of them in one error.
+Whatever goes wrong with one record (even an exception the parser was never expected to raise, such as the
+RecursionError of a deeply nested JSON value) rejects that record only; a file that cannot be read on (a truncated
+.gz or .zst) ends with one Reject for the rest. Problems with a whole input (a missing path, an unreadable file or
+directory, a Parquet file without the text column) are raised by `discover` before any work starts, all of them in
+one error.
 
 Optional dependencies are imported only when their format is read: `zstandard` (.zst), `pyarrow` (Parquet),
 `datasets` (saved datasets), `fastwarc` + `resiliparse` (web archives).
@@ -12,10 +15,12 @@ Optional dependencies are imported only when their format is read: `zstandard` (
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +29,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 WARC_SUFFIXES = (".warc", ".wet", ".arc")
 COMPRESSIONS = ("", ".gz", ".zst")
+MAX_ERROR_CHARS = 200  # an exception's message in a reject reason is cut to this: it may quote the record
 
 
 @dataclass
@@ -140,9 +146,9 @@ def discover(inputs: Sequence[str | Path], config: InputConfig, require_text: bo
             found = [InputFile(root, "hf", **defaults)]
         elif root.is_dir():
             found = []
-            for p in sorted(q for q in root.rglob("*") if q.is_file()):
-                if any(part.startswith(".") for part in p.relative_to(root).parts):
-                    continue  # hidden files (.DS_Store, .git) are not data
+            paths, unreadable = _walk(root)
+            problems.extend(unreadable)
+            for p in paths:
                 kind = file_kind(p)
                 if kind is None:
                     skipped.append(str(p))
@@ -174,6 +180,35 @@ def discover(inputs: Sequence[str | Path], config: InputConfig, require_text: bo
     return files, skipped
 
 
+def _walk(root: Path) -> tuple[list[Path], list[str]]:
+    """The regular files under a directory, sorted, and a problem for every other entry: a directory that cannot
+    be listed, a symbolic link to a directory (not followed: it may loop), a broken link, a pipe, a socket. Nothing
+    under an input directory is passed over without a word, except hidden entries (.git, .DS_Store): not data."""
+    problems: list[str] = []
+    files: list[Path] = []
+
+    def unlistable(error: OSError) -> None:
+        problems.append(f"{error.filename}: cannot list directory: {type(error).__name__}: {error.strerror}")
+
+    for top, dirs, names in os.walk(root, onerror=unlistable):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for d in dirs:
+            if os.path.islink(os.path.join(top, d)):
+                problems.append(f"{os.path.join(top, d)}: symbolic link to a directory is not followed; "
+                                f"give its target as an input of its own")
+        for name in names:
+            path = Path(top, name)
+            if name.startswith("."):
+                continue
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink() and not path.exists():
+                problems.append(f"{path}: broken symbolic link")
+            else:
+                problems.append(f"{path}: not a regular file")
+    return sorted(files), problems
+
+
 def _check(f: InputFile, config: InputConfig, require_text: bool) -> list[InputFile]:
     """Open an input far enough to know it is readable; expand saved DatasetDicts into one file per split."""
     if f.kind == "hf":
@@ -194,7 +229,10 @@ def _check(f: InputFile, config: InputConfig, require_text: bool) -> list[InputF
     if f.kind == "warc":
         _warc_modules()
     with _open_binary(f.path) as stream:
-        stream.read(1)  # decompresses the first block: a corrupt header fails here
+        try:
+            stream.read(1)  # decompresses the first block: a corrupt header fails here
+        except EOFError:
+            pass  # truncated inside its first block: `read` rejects it with that reason
     return [f]
 
 
@@ -203,12 +241,59 @@ def _open_binary(path: Path) -> IO[bytes]:
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
+        return io.BufferedReader(ZstdFrames(path))
+    return open(path, "rb")
+
+
+class ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every frame of a .zst file, raising EOFError when the file ends inside a frame
+    (as gzip does). zstandard's own stream reader ends quietly there, so a truncated file would read as a shorter
+    complete one -- or as an empty one when it is cut inside its first block."""
+
+    CHUNK = 1 << 12  # compressed bytes per step: bounds one step's output (zstd expands at most ~32,000x)
+
+    def __init__(self, path: Path) -> None:
         try:
             import zstandard
         except ImportError as e:
             raise ImportError("reading .zst needs `zstandard`: pip install 'nanoseek[data]'") from e
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self._zstd = zstandard.ZstdDecompressor()
+        self._file = open(path, "rb")
+        self._frame: Any = None  # decompressor of the frame being read; None between frames
+        self._out = b""  # decompressed bytes not yet returned, from self._pos on
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos == len(self._out):
+            chunk = self._file.read(self.CHUNK)
+            if not chunk:
+                if self._frame is not None:
+                    raise EOFError("compressed file ended before the end of its last zstd frame (truncated?)")
+                return 0
+            self._out, self._pos = self._decompress(chunk), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        """Feed compressed bytes through as many frames as they reach into."""
+        out = []
+        while chunk:
+            if self._frame is None:
+                self._frame = self._zstd.decompressobj()
+            out.append(self._frame.decompress(chunk))
+            chunk = b""
+            if self._frame.eof:  # what is left of the chunk starts the next frame
+                chunk, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _parquet(path: Path) -> Any:
@@ -238,8 +323,8 @@ def _warc_modules() -> Any:
 
 
 def read(f: InputFile, config: InputConfig) -> Iterator[Document | Reject]:
-    """Every record of one input file, as a Document or a Reject. A file that fails part-way (a truncated .gz,
-    a corrupt Parquet page) ends with a Reject naming the first record that could not be read."""
+    """Every record of one input file, as a Document or a Reject. A file that fails part-way (a truncated .gz or
+    .zst, a corrupt Parquet page) ends with a Reject naming the first record that could not be read."""
     readers = {"jsonl": _read_jsonl, "text": _read_text, "parquet": _read_parquet, "hf": _read_hf, "warc": _read_warc}
     last = 0
     try:
@@ -247,7 +332,25 @@ def read(f: InputFile, config: InputConfig) -> Iterator[Document | Reject]:
             last = item.line
             yield item
     except Exception as e:  # noqa: BLE001 - any failure of the rest of the file is recorded, not fatal to the run
-        yield Reject(f.source, last + 1, f"unreadable from this record on: {type(e).__name__}: {e}")
+        yield Reject(f.source, last + 1, f"unreadable from this record on: {_describe(e)}")
+
+
+def _describe(error: BaseException) -> str:
+    """An exception as one short line for a reject reason."""
+    text = " ".join(str(error).split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + "…"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _guarded(f: InputFile, line: int, build: Callable[[], Document | Reject]) -> Document | Reject:
+    """`build()` for one record, or a Reject of that record when it raises: a record the parser chokes on in an
+    unforeseen way (RecursionError on deep nesting, ValueError on a 5,000-digit integer) must cost that record
+    only, never the rest of the file."""
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 - whatever one record raises becomes that record's reject
+        return Reject(f.source, line, f"unreadable record: {_describe(e)}")
 
 
 def _make(f: InputFile, config: InputConfig, line: int, text: Any, rid: Any = None, domain: Any = None,
@@ -282,25 +385,27 @@ def _make(f: InputFile, config: InputConfig, line: int, text: Any, rid: Any = No
 def _read_jsonl(f: InputFile, config: InputConfig) -> Iterator[Document | Reject]:
     with _open_binary(f.path) as stream:
         for line_no, raw in enumerate(stream, start=1):
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                yield Reject(f.source, line_no, "blank line")
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield Reject(f.source, line_no, f"invalid UTF-8 at byte {e.start}")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Reject(f.source, line_no, f"malformed JSON: {e.msg} at column {e.colno}")
-                continue
-            if not isinstance(record, dict):
-                yield Reject(f.source, line_no, f"record is a JSON {type(record).__name__}, expected an object")
-                continue
-            yield _make(f, config, line_no, record.get(config.text_field), record.get(config.id_field),
-                        record.get(config.domain_field), record.get(config.license_field))
+            yield _guarded(f, line_no, functools.partial(_jsonl_record, f, config, line_no, raw))
+
+
+def _jsonl_record(f: InputFile, config: InputConfig, line_no: int, raw: bytes) -> Document | Reject:
+    raw = raw.rstrip(b"\r\n")
+    if not raw.strip():
+        return Reject(f.source, line_no, "blank line")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Reject(f.source, line_no, f"invalid UTF-8 at byte {e.start}")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return Reject(f.source, line_no, f"malformed JSON: {e.msg} at column {e.colno}")
+    except RecursionError:
+        return Reject(f.source, line_no, "malformed JSON: nested too deeply to parse")
+    if not isinstance(record, dict):
+        return Reject(f.source, line_no, f"record is a JSON {type(record).__name__}, expected an object")
+    return _make(f, config, line_no, record.get(config.text_field), record.get(config.id_field),
+                 record.get(config.domain_field), record.get(config.license_field))
 
 
 def _read_text(f: InputFile, config: InputConfig) -> Iterator[Document | Reject]:
@@ -312,7 +417,7 @@ def _read_text(f: InputFile, config: InputConfig) -> Iterator[Document | Reject]
     except UnicodeDecodeError as e:
         yield Reject(f.source, 1, f"invalid UTF-8 at byte {e.start}")
         return
-    yield _make(f, config, 1, text)
+    yield _guarded(f, 1, functools.partial(_make, f, config, 1, text))
 
 
 def _columns(config: InputConfig, available: Sequence[str]) -> list[str]:
@@ -331,7 +436,7 @@ def _read_batches(f: InputFile, config: InputConfig, batches: Iterator[dict[str,
         licenses = batch.get(config.license_field, empty)
         for i, text in enumerate(batch[config.text_field]):
             row += 1
-            yield _make(f, config, row, text, ids[i], domains[i], licenses[i])
+            yield _guarded(f, row, functools.partial(_make, f, config, row, text, ids[i], domains[i], licenses[i]))
 
 
 def _read_parquet(f: InputFile, config: InputConfig) -> Iterator[Document | Reject]:
@@ -355,23 +460,26 @@ def _read_warc(f: InputFile, config: InputConfig) -> Iterator[Document | Reject]
     kinds = warc.WarcRecordType.response | warc.WarcRecordType.conversion
     with open(f.path, "rb") as stream:
         for number, record in enumerate(warc.ArchiveIterator(stream, record_types=kinds, parse_http=True), 1):
-            rid = record.record_id
-            meta = {"url": record.headers.get("WARC-Target-URI", "")}
-            body = record.reader.read()
-            if record.record_type == warc.WarcRecordType.conversion:
-                try:
-                    text = body.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield Reject(f.source, number, f"invalid UTF-8 at byte {e.start} in WET record {rid}")
-                    continue
-            else:
-                content_type = (record.http_content_type or "").lower()
-                if "html" not in content_type:
-                    yield Reject(f.source, number, f"response {rid} has content type {content_type!r}, not HTML")
-                    continue
-                html = encoding.bytes_to_str(body, encoding.detect_encoding(body))
-                text = html2text.extract_plain_text(html, main_content=config.html_main_content)
-            yield _make(f, config, number, text, rid, meta=meta)
+            yield _guarded(f, number, functools.partial(_warc_record, f, config, number, record))
+
+
+def _warc_record(f: InputFile, config: InputConfig, number: int, record: Any) -> Document | Reject:
+    warc, html2text, encoding = _warc_modules()
+    rid = record.record_id
+    meta = {"url": record.headers.get("WARC-Target-URI", "")}
+    body = record.reader.read()
+    if record.record_type == warc.WarcRecordType.conversion:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return Reject(f.source, number, f"invalid UTF-8 at byte {e.start} in WET record {rid}")
+    else:
+        content_type = (record.http_content_type or "").lower()
+        if "html" not in content_type:
+            return Reject(f.source, number, f"response {rid} has content type {content_type!r}, not HTML")
+        html = encoding.bytes_to_str(body, encoding.detect_encoding(body))
+        text = html2text.extract_plain_text(html, main_content=config.html_main_content)
+    return _make(f, config, number, text, rid, meta=meta)
 
 
 def columns(f: InputFile) -> list[str] | None:

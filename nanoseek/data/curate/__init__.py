@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers < 1:  # 0 means "every core" only in a config file
+        print(f"nanoseek data curate: error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config, args.set)
         if args.workers is not None:
@@ -57,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         command = " ".join(["nanoseek", "data", "curate", *sys.argv[sys.argv.index("curate") + 1:]]) \
             if "curate" in sys.argv else ""
         manifest = curate(args.input, args.output, config, command=command)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:  # OSError: e.g. an output directory that cannot be written
         print(f"nanoseek data curate: error: {e}", file=sys.stderr)
         return 2
     t = manifest["totals"]

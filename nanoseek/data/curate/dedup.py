@@ -143,7 +143,7 @@ def shingle_hashes(hashes: np.ndarray, words_per_text: np.ndarray, n: int) -> tu
     of all its words (so short texts still dedup); a text without words gets none.
     """
     w = hashes.size
-    first = np.concatenate(([0], np.cumsum(words_per_text)[:-1]))
+    first = np.cumsum(words_per_text) - words_per_text  # index of each text's first word; [] for no texts
     pos_in_text = np.arange(w) - np.repeat(first, words_per_text)
     room = np.repeat(words_per_text, words_per_text) - pos_in_text  # words from here to the end of the text
     gram = hashes.copy()  # k-gram hash starting at each word, k = 1 .. n, chained: g_k = mix(g_{k-1} * C + w)

@@ -2,7 +2,8 @@
 
 The manifest is the run's account: records per input, removals per stage (with the most common reasons), PII
 replacements, the domain mix of what was kept, and mixing weights that rebalance domains to target proportions.
-Its totals satisfy records = kept + removed + rejected exactly; `build_manifest` refuses to write one that does not.
+Its totals satisfy records = kept + removed + rejected exactly, the removals add up per stage and the rejects per
+reason; `build_manifest` refuses to write one that does not.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("normalize", "language", "quality", "toxicity", "decontamination", "pii", "exact_dedup", "near_dedup")
+REJECT_REASONS_SHOWN = 20  # reject reasons listed one by one; the rarer ones are added up under OTHER_REASONS
+OTHER_REASONS = "(other reasons)"
 
 
 @dataclass
@@ -43,6 +46,8 @@ def mixing_weights(chars: dict[str, int], targets: dict[str, float]) -> dict[str
             raise ValueError(f"mix.targets[{d!r}] must be >= 0, got {t}")
     total = sum(chars.values())
     wanted = dict(targets) if targets else {d: 1.0 for d in chars if chars[d] > 0}
+    if not wanted:  # nothing was kept and no targets were asked for: there is no mix to describe
+        return {}
     norm = sum(wanted.values())
     if norm <= 0:
         raise ValueError("mix.targets must give a positive share to at least one domain")
@@ -69,6 +74,7 @@ def build_manifest(
     """Add up per-task statistics into the manifest; checks the accounting identity."""
     per_source: dict[str, Counter[str]] = {}
     removed_by_stage: Counter[str] = Counter()
+    reject_reasons: Counter[str] = Counter()
     reasons: dict[str, Counter[str]] = {s: Counter() for s in STAGES}
     pii: Counter[str] = Counter()
     domains: dict[str, Counter[str]] = {}
@@ -82,6 +88,7 @@ def build_manifest(
             reasons[stage].update(kinds)
         removed_by_stage.update(stats["removed"])
         removed_by_stage.update(final["removed"])
+        reject_reasons.update(stats["reject_reasons"])
         pii.update(stats["pii"])
         for domain, counts in final["domains"].items():
             domains.setdefault(domain, Counter()).update(counts)
@@ -92,10 +99,12 @@ def build_manifest(
     for counts in per_source.values():
         totals.update(counts)
     kept = totals["records"] - totals["rejected"] - totals["removed"]
-    if kept != totals["kept"] or sum(removed_by_stage.values()) != totals["removed"]:
+    if (kept != totals["kept"] or sum(removed_by_stage.values()) != totals["removed"]
+            or sum(reject_reasons.values()) != totals["rejected"]):
         raise RuntimeError(
             f"accounting mismatch: records {totals['records']} != kept {totals['kept']} + removed "
-            f"{totals['removed']} + rejected {totals['rejected']} (by stage: {dict(removed_by_stage)})"
+            f"{totals['removed']} + rejected {totals['rejected']} (by stage: {dict(removed_by_stage)}, "
+            f"rejects by reason: {dict(reject_reasons)})"
         )
     chars = {d: c["chars"] for d, c in domains.items()}
     mix = mixing_weights(chars, targets)
@@ -111,6 +120,7 @@ def build_manifest(
         "totals": {k: totals[k] for k in ("records", "kept", "removed", "rejected")},
         "inputs": inputs,
         "skipped_files": skipped_files,
+        "rejects": {"total": totals["rejected"], "reasons": _top_reasons(reject_reasons, REJECT_REASONS_SHOWN)},
         "stages": {
             s: {"enabled": stage_enabled[s], "removed": removed_by_stage[s],
                 "reasons": dict(reasons[s].most_common(20))}
@@ -127,6 +137,14 @@ def build_manifest(
         "shards": [{"file": w["file"], "docs": w["docs"], "bytes": w["bytes"]} for w in written],
         "config": config,
     }
+
+
+def _top_reasons(counts: Counter[str], shown: int) -> dict[str, int]:
+    """The `shown` most common reasons with the rest added up under OTHER_REASONS, so the counts still sum to the
+    total however many distinct reasons there are."""
+    top = dict(counts.most_common(shown))
+    rest = sum(counts.values()) - sum(top.values())
+    return top | {OTHER_REASONS: rest} if rest else top
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -160,6 +178,9 @@ def data_card(manifest: dict[str, Any], command: str) -> str:
     if manifest["skipped_files"]:
         lines += ["", f"Skipped {len(manifest['skipped_files'])} file(s) of unknown format, e.g. "
                   f"`{manifest['skipped_files'][0]}`."]
+    if manifest["rejects"]["reasons"]:
+        lines += ["", "Rejected as unreadable: " + "; ".join(
+            f"{r} ({n:,})" for r, n in manifest["rejects"]["reasons"].items()) + "."]
     lines += ["", "## Stages", "", "| stage | on | removed | most common reasons |", "|---|---|---:|---|"]
     for name, s in manifest["stages"].items():
         top = "; ".join(f"{r} ({n:,})" for r, n in list(s["reasons"].items())[:3]) or "-"

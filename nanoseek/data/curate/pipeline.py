@@ -303,6 +303,7 @@ def filter_task(task: Task, config: CurateConfig, work: Path, eval_index: EvalIn
     sources: dict[str, Counter[str]] = {}
     removed: Counter[str] = Counter()
     reasons: dict[str, Counter[str]] = {}
+    reject_reasons: Counter[str] = Counter()
     hasher = MinHasher(config.dedup.num_perm, config.dedup.ngram, config.dedup.seed)
     sigs: list[np.ndarray] = []
     digests: list[bytes] = []
@@ -323,6 +324,7 @@ def filter_task(task: Task, config: CurateConfig, work: Path, eval_index: EvalIn
             if isinstance(item, Reject):
                 rej.write({"file": item.file, "line": item.line, "reason": item.reason})
                 sources.setdefault(item.file, Counter()).update(records=1, rejected=1)
+                reject_reasons[reason_kind(item.reason)] += 1
             elif isinstance(item, Removal):
                 rem.write({"id": item.doc.id, "stage": item.stage, "reason": item.reason,
                            "source": item.doc.source, "line": item.doc.line})
@@ -353,7 +355,8 @@ def filter_task(task: Task, config: CurateConfig, work: Path, eval_index: EvalIn
     stats = {
         "task": task.index, "survivors": n, "records": records, "seconds": round(seconds, 3),
         "sources": {s: dict(c) for s, c in sources.items()}, "removed": dict(removed),
-        "reasons": {s: dict(c) for s, c in reasons.items()}, "pii": dict(pii_counts),
+        "reasons": {s: dict(c) for s, c in reasons.items()}, "reject_reasons": dict(reject_reasons),
+        "pii": dict(pii_counts),
     }
     write_json(out / "stats.json", stats)
     return stats
@@ -592,6 +595,8 @@ def curate(inputs: Iterable[str | Path], output: str | Path, config: CurateConfi
     inputs = [str(p) for p in inputs]
     if not inputs:
         raise ValueError("no input paths given")
+    if config.workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = every core), got {config.workers}")
     output = Path(output)
     rank, world = dist_env()
     files, skipped = discover(inputs, config.input)  # raises before any work on a bad input
