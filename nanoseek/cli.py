@@ -2,13 +2,22 @@
 
 Each command lives in its own module exposing `add_arguments(parser)` and `main(args)`. Modules are imported
 only when their command runs, so `nanoseek --help` stays fast and one stage's dependencies never burden another.
+
+A user's mistake (a bad argument, recipe, config or checkpoint: ValueError; a missing or unreadable path, a full
+disk: OSError) ends a command with one line, `nanoseek <command>: error: ...`, and exit status 2. Any other
+exception is a bug and keeps its traceback; NANOSEEK_DEBUG=1 shows the traceback of user errors too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from nanoseek.config import check_tables, load_recipe
+
+USER_ERRORS = (ValueError, OSError)
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,7 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    return args.func(args) or 0
+    try:
+        # a stage command refuses a typo'd table before it starts (checked here, not in load_recipe, which also
+        # reads curation's settings files, whose tables are not stages)
+        if getattr(args, "recipe", None) is not None:
+            section = getattr(args, "section", None)
+            check_tables(load_recipe(args.recipe, args.set), extra=(section,) if section else ())
+        return args.func(args) or 0
+    except USER_ERRORS as e:
+        if os.environ.get("NANOSEEK_DEBUG"):
+            raise
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -69,12 +69,13 @@ class ChatSession:
         self.out.flush()
 
     def ask(self, text: str) -> str:
-        """Answer a user message; returns the answer (reasoning excluded), which joins the history."""
-        self.messages.append({"role": "user", "content": text})
-        prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
-                                                    thinking=self.thinking)
+        """Answer a user message; returns the answer (reasoning excluded), which joins the history with the
+        message. A message that cannot be answered (ValueError: e.g. the conversation outgrew the context) leaves
+        the history as it was."""
+        messages = [*self.messages, {"role": "user", "content": text}]
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=self.thinking)
         answer = self._verified(prompt) if self.verify_n else self._streamed(prompt)
-        self.messages.append({"role": "assistant", "content": answer})
+        self.messages = [*messages, {"role": "assistant", "content": answer}]
         return answer
 
     def _streamed(self, prompt: list[int]) -> str:
@@ -130,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed)
     except ValueError as e:
-        print(f"nanoseek chat: {e}", file=sys.stderr)
+        print(f"nanoseek chat: error: {e}", file=sys.stderr)
         return 2
     engine = load_engine(args.model, max_batch=max(8, args.verify), speculative=args.speculative)
     session = ChatSession(engine, params, thinking=not args.no_think, verify_n=args.verify,
@@ -148,4 +149,7 @@ def main(args: argparse.Namespace) -> int:
             if not session.command(line):
                 return 0
             continue
-        session.ask(line)
+        try:
+            session.ask(line)
+        except ValueError as e:  # this message only: the conversation goes on (try /reset when it is too long)
+            session.say(f"error: {e}")

@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=args.stop)
     except ValueError as e:
-        print(f"nanoseek generate: {e}", file=sys.stderr)
+        print(f"nanoseek generate: error: {e}", file=sys.stderr)
         return 2
     engine = load_engine(args.model, max_batch=1, speculative=args.speculative)
     tok = engine.tokenizer
@@ -42,11 +42,12 @@ def main(args: argparse.Namespace) -> int:
                                          thinking=True if args.think else None)
     else:
         prompt = tok.encode(args.prompt, bos=True)
-        sys.stdout.write(args.prompt)
     if len(prompt) >= engine.max_len:
-        print(f"nanoseek generate: the prompt has {len(prompt)} tokens; the model's context is {engine.max_len}",
-              file=sys.stderr)
+        print(f"nanoseek generate: error: the prompt has {len(prompt)} tokens; the model's context is "
+              f"{engine.max_len}", file=sys.stderr)
         return 2
+    if not args.chat:
+        sys.stdout.write(args.prompt)
     engine.generate([prompt], params, stream=lambda ev: (sys.stdout.write(ev.text), sys.stdout.flush()))
     sys.stdout.write("\n")
     return 0

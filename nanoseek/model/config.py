@@ -8,8 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+# Ranges of the integer fields. The upper bounds lie far above any real model (DeepSeek-V3: vocabulary 129280,
+# widths up to 18432, 61 layers, 128 heads, 256 experts, 163840 positions) and low enough that a typo fails here,
+# naming the field, instead of asking for petabytes later (the inference cache grows with the context).
+_WIDTH, _COUNT = 1 << 20, 1 << 12
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, _WIDTH), "hidden_size": (1, _WIDTH), "intermediate_size": (1, _WIDTH),
+    "moe_intermediate_size": (1, _WIDTH), "q_lora_rank": (1, _WIDTH), "kv_lora_rank": (1, _WIDTH),
+    "qk_nope_head_dim": (1, _WIDTH), "qk_rope_head_dim": (1, _WIDTH), "v_head_dim": (1, _WIDTH),
+    "num_hidden_layers": (1, _COUNT), "num_attention_heads": (1, _COUNT), "num_key_value_heads": (1, _COUNT),
+    "n_shared_experts": (0, _COUNT), "n_routed_experts": (1, _COUNT), "num_experts_per_tok": (1, _COUNT),
+    "n_group": (1, _COUNT), "topk_group": (1, _COUNT), "first_k_dense_replace": (0, _COUNT),
+    "num_nextn_predict_layers": (0, _COUNT), "max_position_embeddings": (1, 1 << 24),
+    "bos_token_id": (0, _WIDTH), "eos_token_id": (0, _WIDTH), "pad_token_id": (0, _WIDTH),
+}
+_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps", "routed_scaling_factor")
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
 
 
 @dataclass
@@ -72,6 +91,7 @@ class ModelConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"model config: {name}={getattr(self, name)!r} {why}")
 
+        self._check_types_and_ranges()
         if self.num_key_value_heads != self.num_attention_heads:
             raise bad("num_key_value_heads", f"must equal num_attention_heads={self.num_attention_heads} in MLA")
         if self.hidden_act != "silu":
@@ -94,6 +114,39 @@ class ModelConfig:
                 raise ValueError(f"model config: rope_scaling.rope_type={kind!r} is unsupported (use 'yarn')")
             if kind == "yarn" and "factor" not in self.rope_scaling:
                 raise ValueError("model config: rope_scaling.factor is required for YaRN")
+
+    def _check_types_and_ranges(self) -> None:
+        """Each field has its declared type (an int is not a bool, a string or 2.0) and a sane range: the checks
+        every later computation relies on, so that a bad config.json fails here with the field's name."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):
+                if value is None:
+                    continue
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            hint = typing.get_origin(hint) or hint  # dict[str, Any] -> dict
+            if hint is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+                raise ValueError(f"model config: {f.name}={value!r} must be {_TYPE_NAMES[hint]}")
+            if f.name in _INT_RANGES:
+                low, high = _INT_RANGES[f.name]
+                if not low <= value <= high:
+                    raise ValueError(f"model config: {f.name}={value} must be in [{low}, {high}]")
+            if hint is float and not math.isfinite(value):
+                raise ValueError(f"model config: {f.name}={value} must be finite")
+        for name in _POSITIVE_FLOATS:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name}={getattr(self, name)} must be > 0")
+        if self.initializer_range < 0:
+            raise ValueError(f"model config: initializer_range={self.initializer_range} must be >= 0")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ValueError(f"model config: first_k_dense_replace={self.first_k_dense_replace} exceeds "
+                             f"num_hidden_layers={self.num_hidden_layers}")
+        factor = (self.rope_scaling or {}).get("factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor < math.inf:
+            raise ValueError(f"model config: rope_scaling.factor={factor!r} must be a number > 0")
 
     @property
     def uses_yarn(self) -> bool:
@@ -130,7 +183,12 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Accept transformers 5.x (`rope_parameters`) and DeepSeek's original (`rope_theta` + `rope_scaling`)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json: expected a JSON object, got {type(d).__name__}")
         d = dict(d)
+        for key in ("rope_parameters", "rope_scaling"):
+            if not isinstance(d.get(key) or {}, dict):
+                raise ValueError(f"config.json: {key}={d[key]!r} must be an object")
         if d.get("model_type", "deepseek_v3") != "deepseek_v3":
             raise ValueError(f"config.json: model_type={d['model_type']!r}, expected 'deepseek_v3'")
         if d.get("topk_method", "noaux_tc") != "noaux_tc":
@@ -150,12 +208,11 @@ class ModelConfig:
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names and k not in _DERIVED_HF_FIELDS}
         if isinstance(known.get("eos_token_id"), list):
-            known["eos_token_id"] = known["eos_token_id"][0]
+            known["eos_token_id"] = known["eos_token_id"][0] if known["eos_token_id"] else None
         return cls(**known, rope_theta=theta, rope_scaling=merged or None, num_nextn_predict_layers=mtp, extra=extra)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
-
 
 # Fields transformers writes that follow from others (or describe the runtime); dropped when reading.
 _DERIVED_HF_FIELDS = {

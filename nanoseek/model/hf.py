@@ -3,7 +3,13 @@
 nanoseek's module names are short (`blocks.3.attn.kv_a_proj`); on disk they take HF/DeepSeek names
 (`model.layers.3.self_attn.kv_a_proj_with_mqa`), routed experts one by one (`mlp.experts.7.gate_proj`), and MTP
 module k at layer index num_hidden_layers + k - 1 with its `enorm/hnorm/eh_proj/shared_head`, as DeepSeek ships it.
-Loading reads safetensors only (never pickles) and names the key of any missing tensor or mismatched shape.
+Loading reads safetensors only (never pickles) and refuses, naming the file and the tensor, anything it cannot trust:
+an unreadable (truncated, corrupt) file, a missing or unexpected tensor, a shape that disagrees with config.json, a
+non-floating dtype, NaN or infinite weights.
+
+A run directory keeps its checkpoints as RUN/checkpoints/step_N/. A save writes `.tmp_step_N` and renames it when
+complete, so the name `step_N` alone means complete: `list_checkpoints` is the one definition, which loading,
+resuming and pruning all use.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.model.config import ModelConfig
@@ -29,6 +35,11 @@ _SEGMENTS = {
 }
 _SEGMENTS_BACK = {v: k for k, v in _SEGMENTS.items()}
 _EXPERTS = re.compile(r"(.*)\.experts\.(gate_up_proj|down_proj)$")
+
+CHECKPOINTS = "checkpoints"  # RUN/checkpoints/step_N/
+STEP_DIR = re.compile(r"^step_(\d+)$")
+# weights nanoseek computes with; anything else (integers, FP8 without its scales) is not a model it can run
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _block_to_hf(rest: str) -> str:
@@ -104,7 +115,7 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where
             continue
         m = re.match(r"model\.layers\.(\d+)\.(.+)$", hf)
         if not m:
-            raise KeyError(f"{where}: unexpected tensor {hf!r}")
+            raise ValueError(f"{where}: unexpected tensor {hf!r}")
         i, rest = int(m.group(1)), m.group(2)
         if i < L:
             prefix = f"blocks.{i}."
@@ -126,12 +137,20 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where
             experts.setdefault(prefix + "ffn.experts.", {}).setdefault(int(e.group(1)), {})[e.group(2)] = t
             continue
         out[prefix + _block_from_hf(rest)] = t
+    n, width, inner = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    shapes = {"gate_proj": (inner, width), "up_proj": (inner, width), "down_proj": (width, inner)}
     for prefix, per_expert in experts.items():
-        n = cfg.n_routed_experts
-        missing = [f"{e}.{p}" for e in range(n) for p in ("gate_proj", "up_proj", "down_proj")
-                   if p not in per_expert.get(e, {})]
+        missing = [f"{e}.{p}" for e in range(n) for p in shapes if p not in per_expert.get(e, {})]
         if missing:
-            raise KeyError(f"{where}: missing expert tensors under {prefix}: {missing[:4]}...")
+            raise ValueError(f"{where}: missing expert tensors under {prefix}: {missing[:4]}...")
+        if max(per_expert) >= n:
+            raise ValueError(f"{where}: expert {max(per_expert)} under {prefix}, but config.json has "
+                             f"n_routed_experts={n}")
+        for e, projections in per_expert.items():  # checked before stacking, which would fail without a name
+            for p, t in projections.items():
+                if tuple(t.shape) != shapes[p]:
+                    raise ValueError(f"{where}: tensor {prefix}{e}.{p} has shape {tuple(t.shape)}, expected "
+                                     f"{shapes[p]} from config.json")
         out[prefix + "gate_up_proj"] = torch.stack(
             [torch.cat([per_expert[e]["gate_proj"], per_expert[e]["up_proj"]]) for e in range(n)])
         out[prefix + "down_proj"] = torch.stack([per_expert[e]["down_proj"] for e in range(n)])
@@ -173,15 +192,24 @@ def save_pretrained(model: Transformer, path: str | Path, extra_files: dict[str,
     return path
 
 
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first: the `step_N` directories under RUN/checkpoints/. Temporary
+    directories of saves in progress or interrupted (`.tmp_step_N`, `.old_step_N`) are never listed."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir (has config.json), or a run dir whose latest checkpoint lives under checkpoints/."""
+    """A checkpoint dir (has config.json), or a run dir: its latest complete checkpoint, else its model/."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     if (path / "config.json").exists():
         return path
-    ckpts = sorted((p for p in (path / "checkpoints").glob("*") if (p / "config.json").exists()),
-                   key=lambda p: (int(m.group()) if (m := re.search(r"\d+", p.name)) else -1, p.name))
+    ckpts = list_checkpoints(path)
     if ckpts:
         return ckpts[-1]
     if (path / "model" / "config.json").exists():
@@ -190,10 +218,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: model.safetensors, a sharded index, or every *.safetensors."""
+    """All tensors of a checkpoint directory: model.safetensors, a sharded index, or every *.safetensors.
+    A file safetensors cannot read, a non-floating dtype or a NaN/inf value is a ValueError naming the file."""
     index = ckpt / "model.safetensors.index.json"
     if index.exists():
-        files = sorted({ckpt / f for f in json.loads(index.read_text())["weight_map"].values()})
+        try:
+            files = sorted({ckpt / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from e
     elif (ckpt / "model.safetensors").exists():
         files = [ckpt / "model.safetensors"]
     else:
@@ -204,9 +236,18 @@ def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     for f in files:
         if not f.exists():
             raise FileNotFoundError(f"{index}: names shard {f.name}, which is missing")
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                tensors[k] = sf.get_tensor(k)
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                found = {k: sf.get_tensor(k) for k in sf.keys()}
+        except SafetensorError as e:
+            raise ValueError(f"{f}: unreadable safetensors file, truncated or corrupt ({e})") from e
+        for k, t in found.items():
+            if t.dtype not in WEIGHT_DTYPES:
+                raise ValueError(f"{f}: tensor {k!r} has dtype {str(t.dtype).removeprefix('torch.')}; nanoseek "
+                                 f"loads float32, bfloat16, float16 or float64 weights (dequantise FP8 first)")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{f}: tensor {k!r} holds NaN or infinite values")
+        tensors.update(found)
     return tensors
 
 
@@ -230,10 +271,10 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise KeyError(f"{ckpt}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(f"{ckpt}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name, t in state.items():
         if name not in expected:
-            raise KeyError(f"{ckpt}: unexpected tensor {name!r}")
+            raise ValueError(f"{ckpt}: unexpected tensor {name!r}")
         if t.shape != expected[name].shape:
             raise ValueError(f"{ckpt}: tensor {name!r} has shape {tuple(t.shape)}, "
                              f"expected {tuple(expected[name].shape)} from config.json")

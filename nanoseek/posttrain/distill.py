@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,31 +28,25 @@ from nanoseek.data.synth import r1_zero_prompt
 from nanoseek.infer.rollout import Prompt, Sample, Sampler
 from nanoseek.model import Transformer, preset
 from nanoseek.model.hf import resolve_checkpoint
-from nanoseek.posttrain.rejection import FilterConfig, sample_and_select, sft_record, training_prompts
+from nanoseek.posttrain.rejection import SamplingConfig, sample_and_select, sft_record, training_prompts
 from nanoseek.posttrain.sft import sft
 from nanoseek.posttrain.stage import load_policy
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(SamplingConfig):
     teacher: str = ""  # nanoseek checkpoint / run dir, or a Hugging Face causal-LM directory
     student: str = ""  # the student's starting checkpoint (a pretrained smaller model) ...
     student_preset: str = ""  # ... or a fresh model of this preset (vocabulary of the teacher's tokenizer)
-    template: str = "chat"  # how the teacher is prompted (an HF teacher always gets the r1_zero text)
-    tasks: dict[str, float] = field(default_factory=lambda: {"arithmetic": 1.0})
-    difficulty: list[int] = field(default_factory=lambda: [1, 2])
-    data: str = ""  # JSONL prompts instead of built-in tasks
-    prompts: int = 512
-    samples: int = 4
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 128
+    prompts: int = 512  # the teacher is prompted in `template` (an HF teacher always gets the r1_zero text)
     keep_per_prompt: int = 2
-    filters: FilterConfig = field(default_factory=FilterConfig)
     logit_alpha: float = 0.0  # weight of the KL to the teacher's distribution (nanoseek teacher only)
     logit_temperature: float = 1.0
-    seed: int = 0
-    device: str = "auto"
+
+    def validate(self, section: str = "distill") -> None:
+        super().validate(section)
+        if not 0 <= self.logit_alpha <= 1 or self.logit_temperature <= 0:
+            raise ValueError(f"[{section}] need 0 <= logit_alpha <= 1 and logit_temperature > 0")
 
 
 def is_nanoseek_checkpoint(path: str | Path) -> bool:
@@ -120,6 +114,7 @@ def distill(recipe: dict[str, Any], out_dir: str | Path, teacher: str | Path | N
     its 800k curated samples) to train on instead of sampling it again; `resume` continues an interrupted
     student fine-tune."""
     cfg = from_dict(DistillConfig, recipe.get("distill"), "distill")
+    cfg.validate()
     teacher, student = str(teacher or cfg.teacher), str(student or cfg.student)
     if not teacher:
         raise ValueError("[distill] teacher: no teacher checkpoint (set it or pass --teacher)")

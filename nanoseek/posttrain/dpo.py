@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from nanoseek.data.synth import make_problems
 from nanoseek.infer.rollout import TEMPLATES, Sampler, problem_prompt
 from nanoseek.posttrain.loop import Stage, TrainConfig, prepare, run, start, threads
 from nanoseek.posttrain.losses import dpo_loss
-from nanoseek.posttrain.preferences import Pair, load_pairs, pair_batch, verified_pairs
-from nanoseek.posttrain.stage import add_stage_arguments, sequence_logps, skipped_note, split_validation
+from nanoseek.posttrain.preferences import Pair, pair_batch, pair_splits, verified_pairs
+from nanoseek.posttrain.stage import add_stage_arguments, sequence_logps
 from nanoseek.train.optim import build_optimizer
 
 
@@ -163,12 +162,8 @@ def dpo(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = N
         path = Path(data or cfg.data) if (data or cfg.data) else (out / "pairs.jsonl")
         if not (data or cfg.data) and not path.exists():
             path = build_pairs(cfg, policy, out, progress)
-        pairs, skipped = load_pairs(path, tok, cfg.max_tokens, cfg.skip_invalid)
-        if note := skipped_note(skipped, "pairs", cfg.max_tokens):
-            print(f"dpo: {note}", file=sys.stderr)
-        train, val = split_validation(pairs, cfg.val_fraction, cfg.seed)
-        if not train:
-            raise ValueError(f"{path}: no usable preference pairs" + (note and f" ({note})"))
+        train, val, skipped = pair_splits(path, tok, cfg.max_tokens, cfg.skip_invalid, cfg.val_fraction, cfg.seed,
+                                          "dpo")
         stage = DPOStage(cfg, policy.model, tok.pad_id, train, val, pick_device(cfg.device))
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * stage.steps_per_epoch))
         optimizer = build_optimizer(policy.model, cfg.lr, cfg.weight_decay)

@@ -14,6 +14,7 @@ with skip_invalid a counted skip; a pair longer than the token limit is skipped 
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from nanoseek.common import read_jsonl
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.rollout import Prompt, Sample, Sampler, is_correct
 from nanoseek.posttrain.sft import validate_messages
-from nanoseek.posttrain.stage import pad_right
+from nanoseek.posttrain.stage import pad_right, skipped_note, split_validation
 
 
 @dataclass
@@ -103,3 +104,16 @@ def verified_pairs(sampler: Sampler, prompts: Sequence[Prompt], k: int, temperat
     """Sample k completions per prompt, grade them, and pair a correct with an incorrect one per prompt
     (prompts the model always or never solves give no pair)."""
     return pair_samples(sampler.sample(prompts, k, temperature, seed=seed), random.Random(seed))
+
+
+def pair_splits(path: str | Path, tokenizer: Tokenizer, max_tokens: int, skip_invalid: bool, val_fraction: float,
+                seed: int, stage: str) -> tuple[list[Pair], list[Pair], dict[str, int]]:
+    """(train, validation, skipped counts) of a preference file for `stage` (DPO, the reward model): what was
+    skipped is reported on stderr, and a file with nothing left to train on is an error naming it."""
+    pairs, skipped = load_pairs(path, tokenizer, max_tokens, skip_invalid)
+    if note := skipped_note(skipped, "pairs", max_tokens):
+        print(f"{stage}: {note}", file=sys.stderr)
+    train, val = split_validation(pairs, val_fraction, seed)
+    if not train:
+        raise ValueError(f"{path}: no usable preference pairs" + (note and f" ({note})"))
+    return train, val, skipped

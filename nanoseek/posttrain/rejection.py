@@ -31,7 +31,7 @@ from nanoseek.config import from_dict, load_recipe
 from nanoseek.data.synth import make_problems
 from nanoseek.data.synth.games import GAMES
 from nanoseek.data.tokenizer import CONTROL_TOKENS
-from nanoseek.infer.rollout import Prompt, Sample, Sampler, is_correct, problem_prompt, record_prompt
+from nanoseek.infer.rollout import TEMPLATES, Prompt, Sample, Sampler, is_correct, problem_prompt, record_prompt
 from nanoseek.posttrain.sft import record_style
 from nanoseek.posttrain.stage import add_stage_arguments, load_policy
 from nanoseek.rewards import format_reward, language_consistency_reward, repetition_penalty
@@ -50,8 +50,10 @@ class FilterConfig:
 
 
 @dataclass
-class RejectionConfig:
-    init: str = ""
+class SamplingConfig:
+    """Sampling a model on prompts and keeping its verified, clean answers: what rejection sampling and
+    distillation share."""
+
     template: str = "chat"
     tasks: dict[str, float] = field(default_factory=lambda: {"arithmetic": 1.0})
     difficulty: list[int] = field(default_factory=lambda: [1, 2])
@@ -63,11 +65,36 @@ class RejectionConfig:
     max_new_tokens: int = 128
     keep_per_prompt: int = 1
     filters: FilterConfig = field(default_factory=FilterConfig)
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self, section: str) -> None:
+        """Refuse values sampling cannot run with, naming the field."""
+        for name in ("prompts", "samples", "max_new_tokens", "keep_per_prompt"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"[{section}] {name}={getattr(self, name)!r}: must be >= 1")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"[{section}] template={self.template!r}: expected one of {TEMPLATES}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"[{section}] need temperature >= 0 and 0 < top_p <= 1")
+        if not self.data and (not self.tasks or any(w < 0 for w in self.tasks.values())):
+            raise ValueError(f"[{section}] tasks={self.tasks!r}: weights >= 0 over at least one task")
+        if self.filters.max_tokens < 0 or not 0 <= self.filters.min_language <= 1:
+            raise ValueError(f"[{section}] filters: need max_tokens >= 0 and 0 <= min_language <= 1")
+
+
+@dataclass
+class RejectionConfig(SamplingConfig):
+    init: str = ""
     instruct_data: str = ""  # conversations to mix in; "" -> the built-in sft.jsonl
     instruct_fraction: float = 0.25  # share of its instruct conversations in the output
     game_fraction: float = 0.1  # share of its game transcripts (records whose task is a game) in the output
-    seed: int = 0
-    device: str = "auto"
+
+    def validate(self, section: str = "rejection") -> None:
+        super().validate(section)
+        if min(self.instruct_fraction, self.game_fraction) < 0 or self.instruct_fraction + self.game_fraction >= 1:
+            raise ValueError(f"[{section}] instruct_fraction + game_fraction must be in [0, 1) with neither "
+                             f"negative, got {self.instruct_fraction} + {self.game_fraction}")
 
 
 def reject_reason(sample: Sample, f: FilterConfig) -> str | None:
@@ -164,9 +191,7 @@ def rejection(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | No
     """Sample from `init`, keep the clean correct samples, mix in instruct conversations and game transcripts;
     returns OUT/sft.jsonl."""
     cfg = from_dict(RejectionConfig, recipe.get("rejection"), "rejection")
-    if min(cfg.instruct_fraction, cfg.game_fraction) < 0 or cfg.instruct_fraction + cfg.game_fraction >= 1:
-        raise ValueError(f"[rejection] instruct_fraction + game_fraction must be in [0, 1) with neither negative, "
-                         f"got {cfg.instruct_fraction} + {cfg.game_fraction}")
+    cfg.validate()
     init = str(init or cfg.init)
     if not init:
         raise ValueError("[rejection] init: no checkpoint to sample from (set it or pass --init)")

@@ -15,7 +15,6 @@ import argparse
 import math
 import random
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,15 +30,13 @@ from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model.transformer import Transformer
 from nanoseek.posttrain.loop import Stage, TrainConfig, prepare, run, start, threads
 from nanoseek.posttrain.losses import bradley_terry_loss
-from nanoseek.posttrain.preferences import Pair, load_pairs, pair_batch
+from nanoseek.posttrain.preferences import Pair, pair_batch, pair_splits
 from nanoseek.posttrain.stage import (
     TOKENIZER_FILES,
     Policy,
     add_stage_arguments,
     load_policy,
     pad_right,
-    skipped_note,
-    split_validation,
 )
 from nanoseek.rewards import completion_text
 from nanoseek.train.optim import build_optimizer
@@ -188,12 +185,8 @@ def train_reward_model(recipe: dict[str, Any], out_dir: str | Path, init: str | 
         device = pick_device(cfg.device)
         model = RewardModel(policy.model).to(device).train()
         tok = policy.tokenizer
-        pairs, skipped = load_pairs(data, tok, cfg.max_tokens, cfg.skip_invalid)
-        if note := skipped_note(skipped, "pairs", cfg.max_tokens):
-            print(f"reward-model: {note}", file=sys.stderr)
-        train, val = split_validation(pairs, cfg.val_fraction, cfg.seed)
-        if not train:
-            raise ValueError(f"{data}: no usable preference pairs" + (note and f" ({note})"))
+        train, val, skipped = pair_splits(data, tok, cfg.max_tokens, cfg.skip_invalid, cfg.val_fraction, cfg.seed,
+                                          "reward-model")
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
         stage = RewardModelStage(cfg, model, tok.pad_id, train, val, device)
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * stage.steps_per_epoch))

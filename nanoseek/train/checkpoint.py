@@ -11,41 +11,34 @@
 A single-process checkpoint resumes under torchrun and a distributed one resumes on any number of processes
 (DCP reshards; expert slices are stored as DTensors sharded over the expert ranks). Balancing biases are
 model buffers, so they travel inside model.safetensors / dcp. Only the last `keep` checkpoints are kept.
+
+Only complete `step_N` directories are ever listed, loaded or resumed (`nanoseek.model.hf.list_checkpoints`). A save
+that fails (a full disk, a missing file) removes its partial directory and leaves the earlier checkpoints as they
+were; what a killed save leaves (`.tmp_step_N`) is removed by `remove_leftovers` when training starts.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanoseek.model.hf import from_hf_state_dict, read_tensors, write_json
+from nanoseek.model.hf import CHECKPOINTS, STEP_DIR, from_hf_state_dict, list_checkpoints, read_tensors, write_json
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.parallelize import Parallel, expert_dtensors, gather_full_state_dict, local_experts
 
-CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 DCP_DIR = "dcp"
-_NAME = re.compile(r"^step_(\d+)$")
 Optimizers = torch.optim.Optimizer | list[torch.optim.Optimizer]  # torch's state-dict helpers take either
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:07d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary directories of interrupted saves are skipped)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -54,10 +47,34 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def checkpoint_step(path: str | Path) -> int:
-    m = _NAME.match(Path(path).name)
+    m = STEP_DIR.match(Path(path).name)
     if not m:
         raise ValueError(f"{path}: not a checkpoint directory (expected a name like step_0000100)")
     return int(m.group(1))
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space; its partial files are gone, earlier checkpoints kept."""
+
+
+def remove_leftovers(run_dir: str | Path) -> None:
+    """Delete what interrupted saves left under RUN/checkpoints: `.tmp_step_N` (a save killed while writing: never
+    complete) and `.old_step_N` (a checkpoint being replaced by a new save of its step). An `.old_step_N` whose
+    `step_N` is missing was complete when the save was killed between its two renames: it is put back.
+
+    Only the process that trains into the run calls this (when training starts, and before each save): a reader
+    (`nanoseek.load`, a server) must not, since a `.tmp_step_N` may be a save in progress."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        prefix, _, name = path.name.partition("_")
+        if prefix not in (".tmp", ".old") or not STEP_DIR.match(name):
+            continue
+        if prefix == ".old" and not (root / name).exists():
+            os.replace(path, root / name)
+        else:
+            shutil.rmtree(path)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, optimizer: Optimizers,
@@ -67,14 +84,44 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, optimize
 
     state: picklable-by-torch trainer state shared by all ranks; rank_state: this rank's own (data position,
     RNG). `model` is the unwrapped model (not the DDP wrapper). `optimizer`: one, or a list whose states are
-    stored together, keyed by parameter name.
+    stored together, keyed by parameter name. A failed save removes its temporary directory and re-raises; a full
+    disk becomes a DiskFullError that says so and names the last complete checkpoint.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp_{final.name}")
+    try:
+        if par.is_main:
+            remove_leftovers(run_dir)
+            tmp.mkdir(parents=True)
+        par.barrier()
+        _write_checkpoint(tmp, step, model, optimizer, state, rank_state, par, json_files, copy_files)
+    except BaseException as e:
+        if par.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            last = latest_checkpoint(run_dir)
+            raise DiskFullError(f"no space left on device while saving {final}: removed the partial checkpoint; "
+                                f"the last complete one is {last or 'none'} (free space, then --resume)") from e
+        raise
     if par.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if final.exists():  # re-saving a step (e.g. interrupted right after resuming): replace it
+            old = final.with_name(f".old_{final.name}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
     par.barrier()
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, model: Transformer, optimizer: Optimizers, state: dict[str, Any],
+                      rank_state: dict[str, Any], par: Parallel, json_files: dict[str, dict] | None,
+                      copy_files: list[Path] | None) -> None:
+    """Every file of checkpoint `step` into `tmp`, flushed to disk."""
     rank_states = par.all_gather_object(rank_state)
     if par.distributed:
         import torch.distributed.checkpoint as dcp
@@ -88,27 +135,31 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, optimize
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         full = None
-        torch.save(get_optimizer_state_dict(model, optimizer), tmp / OPTIMIZER_FILE)
+        _torch_save(get_optimizer_state_dict(model, optimizer), tmp / OPTIMIZER_FILE)
     if par.is_main:
         _export_model(model, full, tmp)
-        torch.save({**state, "step": step, "world_size": par.world_size, "ranks": rank_states}, tmp / STATE_FILE)
+        _torch_save({**state, "step": step, "world_size": par.world_size, "ranks": rank_states}, tmp / STATE_FILE)
         for name, data in (json_files or {}).items():
             write_json(tmp / name, data)
         for f in copy_files or []:
             shutil.copy2(f, tmp / Path(f).name)
         _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (e.g. interrupted right after resuming): replace it
-            old = final.with_name(f".old_{final.name}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    par.barrier()
-    return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, whose write errors are OSErrors with their errno (given a path, torch
+    reports a full disk as `unexpected pos ...`)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether a write failed for lack of space or quota: an OSError's errno, or the OS message inside another
+    library's error (safetensors reports `I/O error: No space left on device (os error 28)`)."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, OSError) and error.errno in codes:
+        return True
+    return any(os.strerror(code) in str(error) for code in codes)
 
 
 def _export_model(model: Transformer, full: dict[str, torch.Tensor] | None, out: Path) -> None:

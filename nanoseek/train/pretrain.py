@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from nanoseek.data.shards import TokenLoader
 from nanoseek.data.tokenizer import CONTROL_TOKENS, Tokenizer
 from nanoseek.model import ModelConfig, Transformer, preset
 from nanoseek.model.balance import max_violation, update_bias
-from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, remove_leftovers, save_checkpoint
 from nanoseek.train.fp8 import convert_to_float8
 from nanoseek.train.metrics import MetricsWriter, matmul_peak_flops, mfu, plot_metrics
 from nanoseek.train.objectives import bias_rate_at, mtp_accuracy, mtp_lambda_at, pretrain_loss
@@ -145,6 +145,12 @@ class DataConfig:
     root: str = ""  # where built-in data is cached ("" -> ~/.cache/nanoseek/data or $NANOSEEK_DATA)
     tokenizer_dir: str = ""  # both set -> use these instead of the built-in data
     tokens_dir: str = ""
+    # the corpus `nanoseek run` builds and curates from the same [data] table (see pipeline.RunData); pretraining
+    # alone reads the plain built-in corpus, so a recipe written for `run` (tiny) loads here too, with a note
+    difficulty: str = "1-3"
+    mix: dict[str, float] = field(default_factory=dict)
+    task_mix: dict[str, float] = field(default_factory=dict)
+    curate: dict[str, Any] = field(default_factory=dict)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -180,6 +186,11 @@ def prepare_data(recipe: dict[str, Any], par: Parallel) -> tuple[Path, Path]:
     from nanoseek.data.cli import ensure_builtin_data
 
     root = Path(cfg.root).expanduser() if cfg.root else default_data_root()
+    run_only = [name for name in ("difficulty", "mix", "task_mix", "curate")
+                if getattr(cfg, name) != getattr(DataConfig(), name)]
+    if par.is_main and run_only:
+        print(f"pretrain: note: [data] {', '.join(run_only)} shape the corpus of `nanoseek run`; pretraining "
+              f"alone uses the built-in corpus as it is", file=sys.stderr)
     if par.is_main:
         ensure_builtin_data(root, cfg.docs, cfg.vocab_size, cfg.seed)
     par.barrier()
@@ -407,6 +418,9 @@ class Trainer:
         if existing and not resume:
             raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose "
                                   f"another --out")
+        if par.is_main:
+            remove_leftovers(self.out)  # what a killed save left must neither linger nor fill the disk
+        par.barrier()
         resumed = self.resume() if resume else None
         writer = MetricsWriter(metrics_path, resume_step=self.step) if par.is_main else None
         if par.is_main:

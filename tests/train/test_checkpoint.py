@@ -71,10 +71,9 @@ def test_a_failed_save_leaves_no_checkpoint_behind(tmp_path):
     save_checkpoint(tmp_path, 1, model, opt, {}, {}, Parallel())
     with pytest.raises(FileNotFoundError):
         save_checkpoint(tmp_path, 2, model, opt, {}, {}, Parallel(), copy_files=[tmp_path / "missing.json"])
-    assert latest_checkpoint(tmp_path).name == "step_0000001"  # the half-written step 2 is invisible
-    assert (tmp_path / "checkpoints" / ".tmp_step_0000002").exists()
-    save_checkpoint(tmp_path, 2, model, opt, {}, {}, Parallel())  # and a later save of that step cleans it up
-    assert not (tmp_path / "checkpoints" / ".tmp_step_0000002").exists()
+    assert latest_checkpoint(tmp_path).name == "step_0000001"  # the earlier checkpoint is untouched
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]  # no partial step 2
+    save_checkpoint(tmp_path, 2, model, opt, {}, {}, Parallel())
     assert latest_checkpoint(tmp_path).name == "step_0000002"
 
 
