@@ -21,7 +21,8 @@ USER_ERRORS = (ValueError, OSError)
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("nanoseek.pipeline", "the pipeline on built-in data: curated data -> tokenizer -> pretraining -> sample"),
+    "run": ("nanoseek.pipeline", "the whole recipe on built-in data: data -> pretrain -> SFT -> R1-Zero, R1 -> "
+            "rejection -> distillation -> eval -> report card"),
     "model-info": ("nanoseek.model.info", "parameters, FLOPs and KV-cache bytes of a model preset"),
     "data": ("nanoseek.data.cli", "data tools: synth, curate, tokenizer, tokenize"),
     "pretrain": ("nanoseek.train.pretrain", "pretrain a model from a recipe"),

@@ -80,10 +80,6 @@ class ModelConfig:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-    @property
-    def num_moe_layers(self) -> int:
-        return max(0, self.num_hidden_layers - self.first_k_dense_replace)
-
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace
 

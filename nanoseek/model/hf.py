@@ -15,15 +15,14 @@ resuming and pruning all use.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from nanoseek.common import atomic_write, write_json
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.rope import Rotary
 from nanoseek.model.transformer import Transformer
@@ -157,23 +156,6 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write JSON atomically (temp file + rename): a crash never leaves half a file."""
-    path = Path(path)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
-
-
 def save_pretrained(model: Transformer, path: str | Path, extra_files: dict[str, dict] | None = None) -> Path:
     """Write config.json + model.safetensors (+ extra JSON files) so that both `nanoseek.load` and
     `transformers.AutoModelForCausalLM.from_pretrained` read the directory."""
@@ -183,7 +165,7 @@ def save_pretrained(model: Transformer, path: str | Path, extra_files: dict[str,
     # safetensors refuses tensors sharing memory: give the MTP copies of embed/head storage of their own
     tensors = {k: (v.clone() if ("shared_head.head" in k or k.endswith("embed_tokens.weight")
                                  and k != "model.embed_tokens.weight") else v) for k, v in tensors.items()}
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     write_json(path / "config.json", config)

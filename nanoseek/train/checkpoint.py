@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from nanoseek.model.hf import CHECKPOINTS, STEP_DIR, from_hf_state_dict, list_checkpoints, read_tensors, write_json
+from nanoseek.common import write_json
+from nanoseek.model.hf import CHECKPOINTS, STEP_DIR, from_hf_state_dict, list_checkpoints, read_tensors
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.parallelize import Parallel, expert_dtensors, gather_full_state_dict, local_experts
 
@@ -44,13 +45,6 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
-
-
-def checkpoint_step(path: str | Path) -> int:
-    m = STEP_DIR.match(Path(path).name)
-    if not m:
-        raise ValueError(f"{path}: not a checkpoint directory (expected a name like step_0000100)")
-    return int(m.group(1))
 
 
 class DiskFullError(OSError):

@@ -1,7 +1,7 @@
 """`nanoseek pretrain`: one trainer from a laptop to torchrun clusters.
 
     nanoseek pretrain --recipe tiny --out runs/tiny
-    torchrun --nproc_per_node=8 -m nanoseek pretrain --recipe base --out runs/base --parallel fsdp --expert-parallel 8
+    torchrun --nproc_per_node=8 -m nanoseek pretrain --recipe r.toml --out runs/big --parallel fsdp --expert-parallel 8
 
 Each optimiser step sees `global_batch_tokens` tokens whatever the process count: every process runs
 global_batch / (micro_batch · seq_len · processes) micro-batches and gradients are averaged, so the loss curve
