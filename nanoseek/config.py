@@ -87,13 +87,10 @@ def check_tables(recipe: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Merge two recipes table by table: a table of `top` updates the same table of `base` field by field, and a
-    field's value replaces the base's whole, even a dict such as `tasks` or `rewards` (a child recipe that trains
-    on one task must not inherit its parent's others)."""
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    """A child recipe over its base: every table the child writes replaces the base's table whole, and the tables it
+    does not write are inherited as they are. Tables cannot leak: merged field by field, a field only the base sets
+    (say max_steps beside a child's epochs) would silently change the child's run."""
+    return {**base, **top}
 
 
 def set_path(recipe: dict[str, Any], item: str) -> None:

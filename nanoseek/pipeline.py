@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from nanoseek.common import write_json
-from nanoseek.config import from_dict, load_recipe
+from nanoseek.config import check_tables, from_dict, load_recipe
 from nanoseek.eval.evaluate import DEFAULT_TASKS
 from nanoseek.eval.games import GAMES
 from nanoseek.eval.tasks import load_task
@@ -115,13 +115,14 @@ RL_STAGES = {"r1_zero": ("grpo_zero", "pretrain"), "r1": ("grpo_r1", "sft"),
 
 
 def check_recipe(recipe: dict[str, Any]) -> None:
-    """Parse every post-training table up front, so a typo fails in the first second, not after pretraining."""
+    """Parse every table up front, so a typo fails in the first second, not after pretraining."""
     from nanoseek.posttrain.distill import DistillConfig
     from nanoseek.posttrain.grpo import GRPOConfig
     from nanoseek.posttrain.rejection import RejectionConfig
     from nanoseek.posttrain.sft import SFTConfig
     from nanoseek.train.pretrain import PretrainConfig
 
+    check_tables(recipe)
     from_dict(RunConfig, recipe.get("run"), "run")
     tables = {"sft_cold": SFTConfig, "grpo_zero": GRPOConfig, "grpo_r1": GRPOConfig, "rejection": RejectionConfig,
               "distill": DistillConfig, "distill_sft": SFTConfig, "grpo_student": GRPOConfig, "eval": EvalConfig}

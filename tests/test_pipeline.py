@@ -181,16 +181,16 @@ def test_run_seed_reaches_every_seeded_table():
     check_recipe(recipe)
 
 
-def test_tiny_tables_leak_no_field_into_recipes_built_on_it():
-    """Recipes with `base = "tiny"` merge their tables over tiny's field by field: a field only tiny sets (say
-    max_steps beside a child's epochs) would silently change the child's run."""
-    tiny = load_recipe("tiny")
+def test_a_child_recipe_table_replaces_its_bases_whole(tmp_path):
+    """A child of tiny that writes [sft_cold] gets exactly the fields it wrote there (tiny's max_steps, lr, ... do
+    not leak in) and inherits the tables it does not write."""
+    child = tmp_path / "child.toml"
+    child.write_text('base = "tiny"\n[sft_cold]\nepochs = 3.0\n')
+    tiny, merged = load_recipe("tiny"), load_recipe(str(child))
+    assert "max_steps" in tiny["sft_cold"] and merged["sft_cold"] == {"epochs": 3.0}
+    assert merged["pretrain"] == tiny["pretrain"] and merged["name"] == "child"
     children = [p.stem for p in RECIPE_DIR.glob("*.toml") if tomllib.loads(p.read_text()).get("base") == "tiny"]
     assert {"r1", "r1-zero", "distill", "dpo"} <= set(children)
-    for child in children:
-        own = tomllib.loads((RECIPE_DIR / f"{child}.toml").read_text())
-        merged = load_recipe(child)
-        for table, fields in own.items():
-            if isinstance(fields, dict) and table in tiny:
-                leaked = set(merged[table]) - set(fields)
-                assert not leaked, f"{child}.toml [{table}] gets {leaked} from tiny.toml"
+    for name in children:  # every built-in child's tables are its own
+        own = tomllib.loads((RECIPE_DIR / f"{name}.toml").read_text())
+        assert all(load_recipe(name)[t] == v for t, v in own.items() if isinstance(v, dict))

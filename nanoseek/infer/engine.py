@@ -48,14 +48,16 @@ class Request:
 
 @dataclass
 class TokenEvent:
-    """One step of one sample. `token` is None on a closing event that adds no token (a stop token or string)."""
+    """One step of one sample. `token` is None on a closing event that adds no token (a stop token or string, or
+    an error)."""
 
     request_id: str
     index: int  # which of the request's n samples
     token: int | None
     text: str  # text that became final with this event ("" while a stop string might still be forming)
-    finish_reason: str | None = None  # None while running, else "stop" | "length" | "abort"
+    finish_reason: str | None = None  # None while running, else "stop" | "length" | "abort" | "error"
     experts: list[list[int]] | None = None  # [n_moe_layers][top_k] for this token when the request asked
+    error: str | None = None  # why the sample failed (finish_reason "error"); the engine's other rows go on
 
 
 @dataclass
@@ -73,7 +75,8 @@ class Backend(ABC):
     """A generator the server, chat and verification loop can drive (the native `Engine`, or e.g. vLLM).
 
     Contract: `add_request` queues a request (never blocks); each `step` advances all running requests by at least
-    one token and returns the events produced; `has_work` says whether anything is queued or running.
+    one token and returns the events produced (a sample that failed ends with finish_reason "error" and `error`
+    set, the others go on); `has_work` says whether anything is queued or running.
     """
 
     tokenizer = None
@@ -96,7 +99,8 @@ class Backend(ABC):
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  stream: Callable[[TokenEvent], None] | None = None, routing: bool = False) -> list[Completion]:
         """Run prompts to completion (batched together). Returns one Completion per prompt and sample, in prompt
-        order then sample order. `stream` is called with every event as it happens."""
+        order then sample order. `stream` is called with every event as it happens. A sample that fails raises
+        RuntimeError (after aborting the call's other requests)."""
         params = params or SamplingParams()
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
@@ -110,6 +114,10 @@ class Backend(ABC):
                 results[(r.id, i)] = Completion(r.id, i, len(r.prompt), [], "", "", [] if routing else None)
         while self.has_work():
             for ev in self.step():
+                if ev.error is not None:
+                    for r in requests:
+                        self.abort(r.id)
+                    raise RuntimeError(f"generation failed: {ev.error}")
                 c = results[(ev.request_id, ev.index)]
                 if ev.token is not None:
                     c.tokens.append(ev.token)
@@ -129,10 +137,17 @@ class TextStream:
     Decoding token by token breaks multi-byte characters and merged pieces, so each step decodes a short window
     (from the last safe boundary) and emits only the new suffix; text that could still be the start of a stop
     string is held back until it is ruled out.
+
+    Stop strings are matched as the text grows, character by character, each with its Knuth-Morris-Pratt table:
+    `matched[j]` is the length of the longest prefix of stop string j that the text ends with, so a token costs
+    time in proportion to its new characters, whatever the stop strings' length (a check of every prefix of every
+    stop string at every token is quadratic in their length and let one request's long stops stall the engine).
     """
 
     def __init__(self, tokenizer, stop: Sequence[str]):
         self.tokenizer, self.stop = tokenizer, list(stop)
+        self.fallback = [_kmp_table(s) for s in self.stop]
+        self.matched = [0] * len(self.stop)
         self.ids: list[int] = []
         self.prefix_offset = self.read_offset = 0
         self.text = ""  # all final text so far (emitted + held back)
@@ -144,15 +159,25 @@ class TextStream:
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix):]
+            new = full[len(prefix):]
+            start = len(self.text)
+            self.text += new
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.emitted - len(s) + 1))
-            if at >= 0:
-                self.text = self.text[:at]
-                return self.release(len(self.text)), True
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        return self.release(len(self.text) - hold), False
+            for i, char in enumerate(new):
+                ended = 0  # the longest stop string that ends at this character
+                for j, s in enumerate(self.stop):
+                    k = self.matched[j]
+                    while k and s[k] != char:
+                        k = self.fallback[j][k - 1]
+                    if s[k] == char:
+                        k += 1
+                    self.matched[j] = k
+                    if k == len(s):
+                        ended = max(ended, k)
+                if ended:  # the first stop string to end cuts the text where it begins
+                    self.text = self.text[:start + i + 1 - ended]
+                    return self.release(len(self.text)), True
+        return self.release(len(self.text) - max(self.matched, default=0)), False
 
     def flush(self) -> str:
         return self.release(len(self.text))
@@ -161,6 +186,20 @@ class TextStream:
         out = self.text[self.emitted:upto] if upto > self.emitted else ""
         self.emitted = max(self.emitted, upto)
         return out
+
+
+def _kmp_table(s: str) -> list[int]:
+    """fallback[k - 1]: the length of the longest proper prefix of s[:k] that is also its suffix (where a match
+    of k characters falls back to when the next character differs)."""
+    fallback = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fallback[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fallback[i] = k
+    return fallback
 
 
 @dataclass
@@ -375,30 +414,41 @@ class Engine(Backend):
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def _emit(self, new_tokens: dict[int, list[int]], experts: dict[int, list] | None) -> list[TokenEvent]:
-        """Turn each row's new tokens into events; mark rows that finish (stop token, stop string, length)."""
+        """Turn each row's new tokens into events; mark rows that finish (stop token, stop string, length). A row
+        whose bookkeeping fails (detokenisation, stop strings) finishes with an error event; the others go on."""
         events = []
         for row, toks in new_tokens.items():
             seq = self.rows[row]
-            for j, tok in enumerate(toks):
-                if seq.finish_reason:
-                    break
-                req = seq.request
-                ex = experts[row][j] if experts is not None and req.routing else None
-                if tok in seq.stop_ids:
-                    seq.finish_reason = "stop"
-                    events.append(TokenEvent(req.id, seq.index, None, seq.text.flush() if seq.text else "",
-                                             "stop", ex))
-                    break
-                seq.generated += 1
-                if self.penalties is not None and req.params.penalised:
-                    self.penalties.add(torch.tensor([row]), torch.tensor([tok]))
-                text, stopped = seq.text.push(tok) if seq.text else ("", False)
-                if stopped:
-                    seq.finish_reason = "stop"
-                elif seq.generated >= seq.max_tokens:
-                    seq.finish_reason = "length"
-                    text += seq.text.flush() if seq.text else ""
-                events.append(TokenEvent(req.id, seq.index, tok, text, seq.finish_reason, ex))
+            try:
+                events += self._emit_row(seq, toks, experts[row] if experts is not None else None)
+            except Exception as e:
+                seq.finish_reason = "error"
+                events.append(TokenEvent(seq.request.id, seq.index, None, "", "error",
+                                         error=f"{type(e).__name__}: {e}"))
+        return events
+
+    def _emit_row(self, seq: Slot, toks: list[int], experts: list | None) -> list[TokenEvent]:
+        """The events of one row's new tokens (1, or 2 after a speculative step); `experts` has one per token."""
+        events = []
+        req = seq.request
+        for j, tok in enumerate(toks):
+            if seq.finish_reason:
+                break
+            ex = experts[j] if experts is not None and req.routing else None
+            if tok in seq.stop_ids:
+                seq.finish_reason = "stop"
+                events.append(TokenEvent(req.id, seq.index, None, seq.text.flush() if seq.text else "", "stop", ex))
+                break
+            seq.generated += 1
+            if self.penalties is not None and req.params.penalised:
+                self.penalties.add(torch.tensor([seq.row]), torch.tensor([tok]))
+            text, stopped = seq.text.push(tok) if seq.text else ("", False)
+            if stopped:
+                seq.finish_reason = "stop"
+            elif seq.generated >= seq.max_tokens:
+                seq.finish_reason = "length"
+                text += seq.text.flush() if seq.text else ""
+            events.append(TokenEvent(req.id, seq.index, tok, text, seq.finish_reason, ex))
         return events
 
     def _remove_finished(self) -> None:

@@ -40,11 +40,12 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending field."""
+        """Raise ValueError naming the offending field. Integers must fit the tensors the engine stacks them into
+        (`RowParams`: int64), so a bad request is refused here and never reaches the engine's thread."""
         checks = [
             ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("top_k", isinstance(self.top_k, int) and 0 <= self.top_k < 2**63, "an integer in [0, 2^63) (0 = off)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "in (0, 10]"),

@@ -35,13 +35,13 @@ def test_unknown_field_is_named():
         from_dict(GRPOConfig, {"loss_type": "ppo"}, "grpo").validate()
 
 
-def test_child_recipe_replaces_dict_fields():
-    """A child's `tasks = {...}` replaces its parent's whole dict: merging them would train on tasks the child
-    never named. Tables still merge field by field."""
+def test_child_recipe_replaces_whole_tables():
+    """A child's table replaces its parent's whole (its `tasks = {...}` too: merging them would train on tasks the
+    child never named); the tables it does not write are inherited."""
     from nanoseek.config import merge
 
     parent = {"grpo": {"tasks": {"arithmetic": 1.0, "logic": 1.0}, "lr": 1e-4}, "model": {"preset": "tiny"}}
     child = {"grpo": {"tasks": {"countdown": 1.0}}}
     merged = merge(parent, child)
-    assert merged["grpo"] == {"tasks": {"countdown": 1.0}, "lr": 1e-4}
+    assert merged["grpo"] == {"tasks": {"countdown": 1.0}}
     assert merged["model"] == {"preset": "tiny"}

@@ -9,9 +9,11 @@
     POST /v1/completions        plain text completion
     POST /v1/feedback           thumbs up/down + comment, stored in SQLite (`nanoseek feedback export`)
 
-Concurrent requests share forward passes (continuous batching, `worker.EngineWorker`). Limits: prompt length,
-max_tokens cap, n <= the engine's batch, a bounded queue (429 when full, 503 when the engine died). Every invalid
-request gets a 400 with an OpenAI-style error body that says which field is wrong and why.
+Concurrent requests share forward passes (continuous batching, `worker.EngineWorker`). Limits: body size (413),
+prompt length, max_tokens cap, n <= the engine's batch, a bounded queue (429 when full, 503 when the engine died).
+Every invalid request gets a 400 with an OpenAI-style error body that says which field is wrong and why (the
+ranges: `protocol`); a request that fails inside the engine gets a 500 (or, streaming, an error event) and fails
+alone. A client that goes away stops its generation, streaming or not. Prompts are tokenised off the event loop.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -47,20 +49,37 @@ from nanoseek.infer.serve.protocol import (
     SamplingFields,
     validation_message,
 )
-from nanoseek.infer.serve.worker import EngineWorker, QueueFull, WorkerDead
+from nanoseek.infer.serve.worker import EngineWorker, GenerationFailed, QueueFull, WorkerDead
 from nanoseek.infer.verify import judge
 
 
 @dataclass
 class Limits:
+    max_body_bytes: int = 2**20  # larger request bodies get 413 before they are read
     max_prompt_tokens: int = 2048
     max_tokens_cap: int = 1024  # largest max_tokens a request may ask for (and the default)
     max_queue: int = 64  # samples waiting beyond the running batch before 429
     verify_threshold: float = 0.5
 
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming call checks that its client is still there
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _with_error_event(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Server-sent events that end, if generation fails after the response began (its 200 is already sent), with
+    an OpenAI-style {"error": ...} event rather than a connection cut without a word."""
+    async with aclosing(chunks):
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except ApiError as e:
+            yield _sse(e.body())
+        except Exception as e:
+            yield _sse(ApiError(f"internal error: {e!r}", status=500, kind="server_error").body())
 
 
 class Server:
@@ -73,14 +92,30 @@ class Server:
         self.created = int(time.time())
 
     # --- request checking ------------------------------------------------------------------------
-    @staticmethod
-    async def parse(request: Request, model: type[BaseModel]):
-        body = await request.body()
+    async def parse(self, request: Request, model: type[BaseModel]):
+        body = await self.read_body(request)
         try:
             return model.model_validate_json(body)
         except ValidationError as e:
             message, param = validation_message(e.errors(include_url=False))
             raise ApiError(message, param) from None
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 past `max_body_bytes`: by its Content-Length before reading a byte, and
+        while reading (a chunked body declares no length)."""
+        limit = self.limits.max_body_bytes
+        too_large = ApiError(f"the request body is larger than this server's limit of {limit} bytes", status=413,
+                             code="request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdecimal() and int(length) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def params(self, req: SamplingFields, prompt_len: int, max_tokens: int | None, n: int,
                n_field: str = "n") -> SamplingParams:
@@ -116,28 +151,46 @@ class Server:
         except WorkerDead as e:
             raise ApiError(str(e), status=503, kind="server_error", code="engine_unavailable") from None
 
-    async def events(self, queue: asyncio.Queue, requests: list[EngineRequest]) -> AsyncIterator[TokenEvent]:
+    async def events(self, queue: asyncio.Queue, requests: list[EngineRequest],
+                     client: Request | None = None) -> AsyncIterator[TokenEvent]:
         """Yield the events of submitted requests until all are finished; the requests are aborted if the caller
-        stops early (a streaming client that disconnects)."""
+        stops early (a streaming client that disconnects: the response's writes fail). A non-streaming call
+        writes nothing until the end, so it passes its `client` to be watched while it waits."""
         done = False
+        watcher = asyncio.create_task(self.watch(client, queue)) if client is not None else None
         try:
             while (item := await queue.get()) is not None:
+                if isinstance(item, ApiError):
+                    raise item
                 if isinstance(item, ValueError):
                     raise ApiError(str(item))
+                if isinstance(item, GenerationFailed):
+                    raise ApiError(f"generation failed: {item}", status=500, kind="server_error")
                 if isinstance(item, BaseException):
                     raise ApiError(f"generation failed: {item!r}", status=500, kind="server_error")
                 yield item
             done = True
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not done:
                 self.worker.cancel(requests)
+
+    @staticmethod
+    async def watch(client: Request, queue: asyncio.Queue) -> None:
+        """Check every DISCONNECT_POLL_S that the client is still connected; when it is not, end its call with a
+        499 (nginx's "client closed request"; nobody reads it)."""
+        while not await client.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        queue.put_nowait(ApiError("the client closed the connection", status=499, code="client_closed"))
 
     # --- /v1/chat/completions -------------------------------------------------------------------
     async def chat(self, request: Request):
         req: ChatRequest = await self.parse(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=req.thinking)
+        try:  # in a thread: a long prompt takes the tokenizer a while, and the event loop serves every client
+            prompt = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                             thinking=req.thinking)
         except ValueError as e:
             raise ApiError(str(e), "messages") from None
         if req.verify and (req.stream or req.n > 1):
@@ -150,10 +203,10 @@ class Server:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         queue = self.submit([engine_req])  # before any response byte: a full queue is a 429, not a broken stream
         if req.stream:
-            return StreamingResponse(self.chat_stream(req, engine_req, queue, cid, messages),
+            return StreamingResponse(_with_error_event(self.chat_stream(req, engine_req, queue, cid, messages)),
                                      media_type="text/event-stream")
         texts, reasons, routing, generated = [""] * n, ["stop"] * n, [[] for _ in range(n)], 0
-        async for ev in self.events(queue, [engine_req]):
+        async for ev in self.events(queue, [engine_req], request):
             texts[ev.index] += ev.text
             generated += ev.token is not None
             if ev.finish_reason:
@@ -234,18 +287,19 @@ class Server:
     # --- /v1/completions ------------------------------------------------------------------------
     async def completions(self, request: Request):
         req: CompletionRequest = await self.parse(request, CompletionRequest)
-        if isinstance(req.prompt, str):
-            prompts = [self.tokenizer.encode(req.prompt, bos=True)]
-        elif isinstance(req.prompt[0], str):
-            prompts = [self.tokenizer.encode(p, bos=True) for p in req.prompt]
+        token_ids = not isinstance(req.prompt, str) and isinstance(req.prompt[0], int)
+        texts = [] if token_ids else [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        count = 1 if token_ids else len(texts)
+        if count * req.n > self.backend.max_batch + self.limits.max_queue:  # before tokenising thousands of them
+            raise ApiError(f"{count} prompts x n={req.n} is more than this server queues", "prompt")
+        if not token_ids:  # in a thread, as for chat: the event loop serves every client
+            prompts = await asyncio.to_thread(lambda: [self.tokenizer.encode(t, bos=True) for t in texts])
         else:
             prompts = [list(req.prompt)]
             limit = self.tokenizer.vocab_size
             bad = [t for t in prompts[0] if not 0 <= t < limit]
             if bad:
                 raise ApiError(f"prompt token id {bad[0]} is outside the vocabulary [0, {limit})", "prompt")
-        if len(prompts) * req.n > self.backend.max_batch + self.limits.max_queue:
-            raise ApiError(f"{len(prompts)} prompts x n={req.n} is more than this server queues", "prompt")
         reqs = [EngineRequest(p, self.params(req, len(p), req.max_tokens, req.n)) for p in prompts]
         order = {r.id: k for k, r in enumerate(reqs)}
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -267,18 +321,18 @@ class Server:
                         yield chunk(index(ev), ev.text, ev.finish_reason)
                 yield _sse("[DONE]")
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            return StreamingResponse(_with_error_event(stream()), media_type="text/event-stream")
         total = len(prompts) * req.n
-        texts, reasons, counts = [""] * total, ["stop"] * total, 0
-        async for ev in self.events(queue, reqs):
-            texts[index(ev)] += ev.text
+        outputs, reasons, counts = [""] * total, ["stop"] * total, 0
+        async for ev in self.events(queue, reqs, request):
+            outputs[index(ev)] += ev.text
             counts += ev.token is not None
             if ev.finish_reason:
                 reasons[index(ev)] = ev.finish_reason
         prompt_tokens = sum(len(p) for p in prompts)
         return JSONResponse({
             "id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-            "choices": [{"index": i, "text": texts[i], "finish_reason": reasons[i], "logprobs": None}
+            "choices": [{"index": i, "text": outputs[i], "finish_reason": reasons[i], "logprobs": None}
                         for i in range(total)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": counts,
                       "total_tokens": prompt_tokens + counts}})
@@ -368,6 +422,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="model id reported by /v1/models (default: directory name)")
     parser.add_argument("--max-batch", type=int, default=8, help="samples decoded together (cache rows)")
     parser.add_argument("--max-len", type=int, default=None, help="context per sample (default: the model's)")
+    parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="larger request bodies "
+                        "get 413")
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="default: context - 1")
     parser.add_argument("--max-tokens-cap", type=int, default=1024)
     parser.add_argument("--max-queue", type=int, default=64, help="waiting samples before 429")
@@ -383,7 +439,7 @@ def main(args: argparse.Namespace) -> int:
     from nanoseek.infer.engine import load_engine
 
     engine = load_engine(args.model, max_batch=args.max_batch, max_len=args.max_len, speculative=args.speculative)
-    limits = Limits(max_prompt_tokens=args.max_prompt_tokens or engine.max_len - 1,
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens or engine.max_len - 1,
                     max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
                     verify_threshold=args.verify_threshold)
     feedback = FeedbackStore(args.feedback_db) if args.feedback_db else None

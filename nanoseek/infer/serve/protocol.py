@@ -1,11 +1,42 @@
 """OpenAI-compatible request bodies (strictly typed: a string where a number belongs is a 400, not a guess) and
-the error body OpenAI clients expect: {"error": {"message", "type", "param", "code"}}."""
+the error body OpenAI clients expect: {"error": {"message", "type", "param", "code"}}.
+
+Every field has a range, checked here before anything reaches the engine (whose thread serves every client, so
+nothing a request says may fail there); a value outside it is a 400 naming the field. Integers are bounded so
+they fit the engine's tensors, strings where their length costs the engine time. Unknown fields are ignored.
+
+    field                                 range
+    messages (chat)                       1 or more; role system | user | assistant (not last); content a string
+                                          or [{"type": "text", "text": ...}]
+    prompt (completions)                  a string, 1+ strings, or 1+ token ids in [0, vocab)
+    max_tokens, max_completion_tokens     1 .. 2^31-1, and at most the server's cap and the context left
+    n                                     1 .. 128, and n x prompts at most the server's batch (+ queue)
+    temperature                           0 .. 2 (0 = greedy)
+    top_p                                 (0, 1]
+    top_k                                 0 .. 2^31-1 (0 = off)
+    min_p                                 0 .. 1
+    presence_penalty, frequency_penalty   -2 .. 2
+    repetition_penalty                    (0, 10]
+    seed                                  -2^63 .. 2^63-1
+    stop                                  a string or up to 4 strings, each 1 .. 256 characters
+    stream, ignore_eos, routing           booleans; stream_options.include_usage a boolean
+    thinking                              a boolean or null
+    verify                                0 .. 128 chains, and at most the server's batch
+    model                                 any string (a server serves one model)
+    feedback: rating -1 | 1, choice 0 .. 127, comment up to 4000 characters
+    the whole body                        the server's --max-body-bytes (1 MiB by default), else 413; a prompt
+                                          longer than the server's --max-prompt-tokens is a 400
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SAMPLES = 128  # n, verify (a server's batch is usually smaller and is checked too); feedback choice < this
+MAX_INT = 2**31 - 1  # max_tokens, top_k
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
 
 
 class ApiError(Exception):
@@ -46,18 +77,18 @@ class SamplingFields(_Strict):
     """Fields shared by /v1/chat/completions and /v1/completions (OpenAI defaults)."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_SAMPLES)
     stop: str | list[str] | None = Field(default=None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     # extensions understood by vLLM-style servers
-    top_k: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=0, le=MAX_INT)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
@@ -66,19 +97,19 @@ class SamplingFields(_Strict):
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
         stops = [] if v is None else [v] if isinstance(v, str) else v
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(not 1 <= len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must have 1 to {MAX_STOP_CHARS} characters")
         return stops
 
 
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
     # nanoseek extensions
     thinking: bool | None = None  # True: reason first (R1); False: answer directly (V3); None: model decides
-    verify: int = Field(default=0, ge=0)  # answer with the verification loop over this many chains
+    verify: int = Field(default=0, ge=0, le=MAX_SAMPLES)  # answer with the verification loop over this many chains
     routing: bool = False  # stream the experts each MoE layer chose for every generated token
 
     @field_validator("messages")
@@ -103,7 +134,7 @@ class CompletionRequest(SamplingFields):
 class FeedbackRequest(_Strict):
     rating: Literal[-1, 1]  # thumbs down / up
     completion_id: str | None = None  # an answer this server gave (preferred: the server knows what it said)
-    choice: int = Field(default=0, ge=0)
+    choice: int = Field(default=0, ge=0, lt=MAX_SAMPLES)
     messages: list[Message] | None = None  # or: the conversation and the answer as the client saw them
     response: str | None = None
     comment: str = Field(default="", max_length=4000)

@@ -4,6 +4,10 @@ loop) submit requests and read their events from per-request asyncio queues.
 Every `step` advances all running requests together, and a request that arrives while others run joins the batch
 at the next step (its prompt is prefilled into free cache rows), so concurrent clients share forward passes.
 Admission is bounded: beyond `max_batch` running samples plus `max_queue` waiting ones, `submit` refuses.
+
+Faults stay with the requests they hit: a sample that fails inside the engine (an error event) fails its HTTP
+call, and a step that raises fails the calls whose requests the engine held; the thread goes on serving the rest.
+Only when the engine cannot even drop those requests does the thread stop (`error`; /health answers 503).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ class QueueFull(Exception):
 
 class WorkerDead(Exception):
     """The engine thread stopped after an error (the caller answers 503)."""
+
+
+class GenerationFailed(Exception):
+    """A request failed inside the engine (the caller answers 500 for that request only)."""
 
 
 @dataclass(eq=False)  # identity hash: one stream is shared by the requests of a call
@@ -58,7 +66,8 @@ class EngineWorker:
 
     def submit(self, requests: list[Request]) -> asyncio.Queue:
         """Queue the requests of one HTTP call (from the event loop). Their TokenEvents arrive on the returned
-        queue as they happen, then None when all are finished (or an exception if one failed)."""
+        queue as they happen, then None when all are finished, or instead an exception: ValueError when the
+        engine refused a request, GenerationFailed when one failed while running."""
         if self.error is not None or not self.thread.is_alive():
             raise WorkerDead(f"the engine stopped: {self.error!r}")
         samples = sum(r.params.n for r in requests)
@@ -100,17 +109,49 @@ class EngineWorker:
                     del self.streams[rid]
                 stream.loop.call_soon_threadsafe(stream.events.put_nowait, None)
 
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+        """End the calls of these requests with `error` and drop all of their requests from the engine.
+
+        After a failed step the engine may hold a row it cannot batch (dropping another then raises as the batch
+        is rebuilt), so every drop is tried; the engine is sound again if it then holds nothing or no drop
+        failed, and otherwise cannot be trusted: the first failure propagates and the thread stops."""
+        with self.lock:
+            streams = {self.streams[rid] for rid in request_ids if rid in self.streams}
+            dropped = [rid for rid, stream in self.streams.items() if stream in streams]
+            for rid in dropped:
+                del self.streams[rid]
+        for stream in streams:
+            stream.loop.call_soon_threadsafe(stream.events.put_nowait, error)
+        failures = []
+        for rid in dropped:
+            try:
+                self.backend.abort(rid)
+            except Exception as e:
+                failures.append(e)
+        if failures and self.backend.has_work():
+            raise failures[0]
+
     def _run(self) -> None:
         try:
             while not self.stopping.is_set():
                 self._drain(block=not self.backend.has_work())
                 if not self.backend.has_work():
                     continue
-                for ev in self.backend.step():
+                with self.lock:
+                    held = list(self.streams)  # every request drained into the engine, running or waiting there
+                try:
+                    events = self.backend.step()
+                except Exception as e:  # a bug or out-of-memory in a batched step: its requests fail, not the server
+                    self._fail(held, GenerationFailed(f"{type(e).__name__}: {e}"))
+                    continue
+                for ev in events:
+                    if ev.error is not None:
+                        self._fail([ev.request_id], GenerationFailed(ev.error))
+                        continue
                     self._deliver(ev.request_id, ev)
                     if ev.finish_reason is not None:
                         self._finished(ev.request_id)
-        except BaseException as e:  # a bug or out-of-memory: fail every open request, then report unhealthy
+        except BaseException as e:  # the engine cannot even drop its requests: fail them all, report unhealthy
             self.error = e
             with self.lock:
                 for stream in set(self.streams.values()):
