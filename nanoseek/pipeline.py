@@ -38,26 +38,11 @@ import torch
 
 from nanoseek.common import write_json
 from nanoseek.config import check_tables, from_dict, load_recipe
+from nanoseek.data.builtin import DataConfig
 from nanoseek.eval.evaluate import DEFAULT_TASKS
 from nanoseek.eval.games import GAMES
 from nanoseek.eval.tasks import load_task
 from nanoseek.posttrain.stage import Runner
-
-
-@dataclass
-class RunData:
-    """[data] of a run recipe: the built-in corpus and tokenizer size."""
-
-    docs: int = 2000
-    vocab_size: int = 4096
-    seed: int = 0
-    difficulty: str = "1-3"
-    mix: dict[str, float] = field(default_factory=dict)  # corpus domain weights ({} -> synth's DOMAIN_MIX)
-    task_mix: dict[str, float] = field(default_factory=dict)  # task weights of worked-problem documents ({}: equal)
-    curate: dict[str, Any] = field(default_factory=dict)  # CurateConfig overrides, e.g. {quality = {min_words = 20}}
-    root: str = ""  # unused by `run` (its data lives under OUT/data); kept so pretrain recipes load unchanged
-    tokenizer_dir: str = ""
-    tokens_dir: str = ""
 
 
 @dataclass
@@ -234,41 +219,16 @@ def _first(records: list[dict[str, Any]], key: str) -> Any:
 # --- stages -------------------------------------------------------------------------------------------------
 
 def stage_data(run: Run, resume: bool) -> dict[str, Any]:
-    """Built-in corpora -> curation -> tokenizer -> token shards (deterministic: an interrupted stage redoes it)."""
-    from nanoseek.data.cli import corpus_texts
-    from nanoseek.data.curate import curate as run_curation
-    from nanoseek.data.curate import load_config
-    from nanoseek.data.shards import tokenize_corpus
-    from nanoseek.data.synth import write_synth
-    from nanoseek.data.tokenizer import train_tokenizer
+    """The built-in data set into OUT/data (`data.builtin.build`; deterministic: an interrupted stage redoes it)."""
+    from nanoseek.data.builtin import build
 
-    cfg = from_dict(RunData, run.recipe.get("data"), "data")
-    root = run.stage_dir("data")
+    cfg = from_dict(DataConfig, run.recipe.get("data"), "data")
+    cfg.validate()
     if resume:
-        shutil.rmtree(root)
-    extra = min(2000, max(200, cfg.docs))
-    synth = write_synth(root / "synth", docs=cfg.docs, seed=cfg.seed, difficulty=cfg.difficulty, sft=extra, rl=extra,
-                        mix=cfg.mix or None, task_mix=cfg.task_mix or None)
-    curate_cfg = load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.curate).items()])
-    manifest = run_curation([root / "synth" / "corpus"], root / "curated", curate_cfg)
-    documents = root / "curated" / "documents"
-    tokenizer = train_tokenizer(corpus_texts(documents), cfg.vocab_size, root / "tokenizer")
-    val_fraction = min(0.1, max(0.01, 50 / max(1, cfg.docs)))
-    index = tokenize_corpus(documents, root / "tokenizer", root / "tokens", val_fraction=val_fraction,
-                            progress=run.progress)
-    tokens = {split: s["tokens"] for split, s in index["splits"].items()}
-    return {"synth": synth, "curation": manifest["totals"], "vocab_size": tokenizer.vocab_size, "tokens": tokens,
-            "metrics": {"vocab_size": tokenizer.vocab_size, **{f"{s}_tokens": n for s, n in tokens.items()}}}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+        shutil.rmtree(run.stage_dir("data"))
+    made = build(run.stage_dir("data"), cfg, run.progress)
+    tokens = {f"{split}_tokens": n for split, n in made["tokens"].items()}
+    return {**made, "metrics": {"vocab_size": made["vocab_size"], **tokens}}
 
 
 def _pretrain(run: Run, name: str, resume: bool, model: dict[str, Any] | None = None,

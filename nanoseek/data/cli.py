@@ -1,4 +1,5 @@
-"""`nanoseek data <synth|curate|tokenizer|tokenize>`, and `ensure_builtin_data` for self-contained recipes.
+"""`nanoseek data <synth|curate|tokenizer|tokenize>`: the built-in data set's steps one at a time (`builtin.build` runs
+them all for recipes).
 
     nanoseek data synth --output runs/data                       # built-in corpus, SFT, RL and eval sets
     nanoseek data curate --input runs/data/corpus --output runs/curated
@@ -9,13 +10,11 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from nanoseek.data.shards import INDEX, corpus_files, read_texts, tokenize_corpus
+from nanoseek.data.builtin import corpus_texts
+from nanoseek.data.shards import tokenize_corpus
 from nanoseek.data.synth.corpus import GAME_SHARE, write_synth
 from nanoseek.data.tokenizer import train_tokenizer
 
@@ -85,18 +84,6 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def corpus_texts(path: str | Path, text_field: str = "text", max_chars: int | None = None) -> list[str]:
-    """The texts of a JSONL corpus, in file order, up to `max_chars` characters."""
-    texts, total = [], 0
-    for f in corpus_files(path):
-        for _, record in read_texts(f, text_field):
-            texts.append(record[text_field])
-            total += len(texts[-1])
-            if max_chars is not None and total >= max_chars:
-                return texts
-    return texts
-
-
 def _tokenizer(args: argparse.Namespace) -> int:
     texts = corpus_texts(args.input, args.text_field, args.max_chars)
     tok = train_tokenizer(texts, args.vocab_size, args.output)
@@ -112,47 +99,3 @@ def _tokenize(args: argparse.Namespace) -> int:
         print(f"{split}: {s['documents']} documents, {s['tokens']} tokens in {len(s['shards'])} shards, "
               f"{s['bytes'] / max(1, s['tokens']):.2f} bytes/token")
     return 0
-
-
-def _build_once(target: Path, marker: str, build: Callable[[Path], object]) -> Path:
-    """Build `target` into a temporary sibling and rename it into place: an interrupted or concurrent build
-    never leaves a half-written directory behind a finished-looking name."""
-    if (target / marker).exists():
-        return target
-    if target.exists():  # left by a crash before the marker was written
-        shutil.rmtree(target)
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first; its copy is identical
-        if not (target / marker).exists():
-            raise
-        shutil.rmtree(tmp)
-    return target
-
-
-def builtin_synth_dir(root: str | Path, docs: int, seed: int) -> Path:
-    """Where `ensure_builtin_data` puts the synth output (eval/, sft.jsonl, rl.jsonl, corpus/)."""
-    return Path(root) / f"synth-n{docs}-s{seed}"
-
-
-def ensure_builtin_data(root: str | Path, docs: int, vocab_size: int, seed: int = 0) -> tuple[Path, Path]:
-    """Build the built-in corpus -> tokenizer -> token shards under `root` unless already there; returns
-    (tokenizer_dir, tokens_dir). Directory names carry the parameters, so different recipes never collide."""
-    root = Path(root)
-    tag = f"v{vocab_size}-n{docs}-s{seed}"
-    # SFT and RL sets scale with the corpus up to the synth defaults, so a debug-sized build stays quick
-    extra = min(2000, max(200, docs))
-    synth_dir = _build_once(builtin_synth_dir(root, docs, seed), "synth.json",
-                            lambda d: write_synth(d, docs=docs, seed=seed, sft=extra, rl=extra))
-    corpus = synth_dir / "corpus"
-    tok_dir = _build_once(root / f"tokenizer-{tag}", "tokenizer.json",
-                          lambda d: train_tokenizer(corpus_texts(corpus), vocab_size, d))
-    # at least ~50 validation documents, at most 10% of a small corpus; one process is fastest at this size
-    val_fraction = min(0.1, max(0.01, 50 / max(1, docs)))
-    tokens_dir = _build_once(root / f"tokens-{tag}", INDEX, lambda d: tokenize_corpus(
-        corpus, tok_dir, d, workers=1 if docs <= 20_000 else None, val_fraction=val_fraction, progress=False))
-    return tok_dir, tokens_dir
-

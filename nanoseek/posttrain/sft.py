@@ -229,13 +229,11 @@ def validation_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.
 
 def default_data(recipe: dict[str, Any], name: str) -> Path:
     """The built-in data set's file `name` (sft.jsonl, rl.jsonl), building the data set if needed."""
-    from nanoseek.data.cli import builtin_synth_dir, ensure_builtin_data
-    from nanoseek.train.pretrain import DataConfig, default_data_root
+    from nanoseek.data.builtin import DataConfig, cached
 
     cfg = from_dict(DataConfig, recipe.get("data"), "data")
-    root = Path(cfg.root).expanduser() if cfg.root else default_data_root()
-    ensure_builtin_data(root, cfg.docs, cfg.vocab_size, cfg.seed)
-    return builtin_synth_dir(root, cfg.docs, cfg.seed) / name
+    cfg.validate()
+    return cached(cfg) / "synth" / name
 
 
 class SFTStage(Stage):

@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nanoseek.config import from_dict, load_recipe
+from nanoseek.data.builtin import DataConfig, cached
 from nanoseek.data.shards import TokenLoader
 from nanoseek.data.tokenizer import CONTROL_TOKENS, Tokenizer
 from nanoseek.model import ModelConfig, Transformer, preset
@@ -135,24 +136,6 @@ class PretrainConfig:
         return self.global_batch_tokens // per_step
 
 
-@dataclass
-class DataConfig:
-    """[data]: the built-in corpus (built when missing) or the outputs of `nanoseek data`."""
-
-    docs: int = 2000  # built-in corpus size
-    vocab_size: int = 4096
-    seed: int = 0
-    root: str = ""  # where built-in data is cached ("" -> ~/.cache/nanoseek/data or $NANOSEEK_DATA)
-    tokenizer_dir: str = ""  # both set -> use these instead of the built-in data
-    tokens_dir: str = ""
-    # the corpus `nanoseek run` builds and curates from the same [data] table (see pipeline.RunData); pretraining
-    # alone reads the plain built-in corpus, so a recipe written for `run` (tiny) loads here too, with a note
-    difficulty: str = "1-3"
-    mix: dict[str, float] = field(default_factory=dict)
-    task_mix: dict[str, float] = field(default_factory=dict)
-    curate: dict[str, Any] = field(default_factory=dict)
-
-
 class TrainingInterrupted(RuntimeError):
     """Raised after a SIGTERM/SIGINT stop has saved its checkpoint."""
 
@@ -177,29 +160,17 @@ def model_config(recipe: dict[str, Any], vocab_size: int) -> ModelConfig:
 
 
 def prepare_data(recipe: dict[str, Any], par: Parallel) -> tuple[Path, Path]:
-    """(tokenizer_dir, tokens_dir); the built-in data is built by rank 0 while the others wait."""
+    """(tokenizer_dir, tokens_dir): [data]'s own, or the built-in data set of its settings, built by rank 0 while
+    the others wait."""
     cfg = from_dict(DataConfig, recipe.get("data"), "data")
-    if cfg.tokenizer_dir or cfg.tokens_dir:
-        if not (cfg.tokenizer_dir and cfg.tokens_dir):
-            raise ValueError("[data] tokenizer_dir and tokens_dir must be given together")
+    cfg.validate()
+    if cfg.tokenizer_dir:
         return Path(cfg.tokenizer_dir), Path(cfg.tokens_dir)
-    from nanoseek.data.cli import ensure_builtin_data
-
-    root = Path(cfg.root).expanduser() if cfg.root else default_data_root()
-    run_only = [name for name in ("difficulty", "mix", "task_mix", "curate")
-                if getattr(cfg, name) != getattr(DataConfig(), name)]
-    if par.is_main and run_only:
-        print(f"pretrain: note: [data] {', '.join(run_only)} shape the corpus of `nanoseek run`; pretraining "
-              f"alone uses the built-in corpus as it is", file=sys.stderr)
     if par.is_main:
-        ensure_builtin_data(root, cfg.docs, cfg.vocab_size, cfg.seed)
+        cached(cfg)
     par.barrier()
-    tok, tokens = ensure_builtin_data(root, cfg.docs, cfg.vocab_size, cfg.seed)
-    return Path(tok), Path(tokens)
-
-
-def default_data_root() -> Path:
-    return Path(os.environ.get("NANOSEEK_DATA", Path.home() / ".cache" / "nanoseek" / "data"))
+    data = cached(cfg)
+    return data / "tokenizer", data / "tokens"
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanoseek.cli import main as cli_main
-from nanoseek.data.cli import ensure_builtin_data
+from nanoseek.data.builtin import DataConfig, cached
 from nanoseek.data.shards import TokenLoader, tokenize_corpus
 from nanoseek.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -201,11 +201,15 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_ensure_builtin_data_is_idempotent(tmp_path: Path) -> None:
-    tok_dir, tokens_dir = ensure_builtin_data(tmp_path, docs=120, vocab_size=400, seed=0)
+def test_the_cached_builtin_data_is_built_once_per_setting(tmp_path: Path) -> None:
+    cfg = DataConfig(docs=120, vocab_size=400, seed=0, root=str(tmp_path))
+    data = cached(cfg)
+    tok_dir, tokens_dir = data / "tokenizer", data / "tokens"
     stamp = (tokens_dir / "index.json").stat().st_mtime_ns
-    assert ensure_builtin_data(tmp_path, docs=120, vocab_size=400, seed=0) == (tok_dir, tokens_dir)
+    assert cached(DataConfig(docs=120, vocab_size=400, seed=0, root=str(tmp_path))) == data
     assert (tokens_dir / "index.json").stat().st_mtime_ns == stamp
+    assert cached(DataConfig(docs=120, vocab_size=400, seed=0, difficulty="1", root=str(tmp_path))) != data
+    assert (data / "curated" / "manifest.json").exists() and (data / "synth" / "sft.jsonl").exists()
     loader = TokenLoader(tokens_dir, "train", 64, 2)
     assert Tokenizer.load(tok_dir).vocab_size == 400 and next(loader).shape == (2, 65)
     assert not list(tmp_path.glob("*.tmp*"))

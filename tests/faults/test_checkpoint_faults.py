@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import nanoseek
 import nanoseek.model.hf as hf
 from nanoseek.config import load_recipe
-from nanoseek.data.cli import ensure_builtin_data
+from nanoseek.data.builtin import DataConfig, cached
 from nanoseek.model import Transformer, preset
 from nanoseek.model.hf import list_checkpoints, resolve_checkpoint
 from nanoseek.train.checkpoint import (
@@ -80,7 +80,7 @@ def test_remove_leftovers_deletes_unfinished_saves_and_puts_back_a_replaced_chec
 def debug_recipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     data = load_recipe("debug")["data"]
-    ensure_builtin_data(root, data["docs"], data["vocab_size"], data["seed"])
+    cached(DataConfig(**data, root=str(root)))
     return load_recipe("debug", [f"data.root={root}", "pretrain.plots=false", "pretrain.val_every=0"])
 
 

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 import nanoseek.model.hf as hf
 from nanoseek.cli import main as cli
 from nanoseek.config import load_recipe
-from nanoseek.data.cli import ensure_builtin_data
+from nanoseek.data.builtin import DataConfig, cached
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer, preset
 
@@ -117,7 +117,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 def test_a_full_disk_during_pretraining_is_one_line_and_leaves_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     data = load_recipe("debug")["data"]
-    ensure_builtin_data(tmp_path / "data", data["docs"], data["vocab_size"], data["seed"])
+    cached(DataConfig(**data, root=str(tmp_path / "data")))
     saves = []
     real_save_file = hf.save_file
 

@@ -6,8 +6,9 @@ import pytest
 
 from nanoseek.cli import main as cli
 from nanoseek.config import RECIPE_TABLES, check_tables, from_dict, load_recipe, recipe_names, set_path
+from nanoseek.data.builtin import DataConfig
 from nanoseek.posttrain.grpo import GRPOConfig
-from nanoseek.train.pretrain import DataConfig, PretrainConfig, pretrain
+from nanoseek.train.pretrain import PretrainConfig, pretrain
 
 
 def one_error_line(capsys, command: str) -> str:
@@ -50,8 +51,8 @@ def test_every_built_in_recipe_uses_known_tables_only(name):
 
 
 def test_the_pretrain_command_reads_a_run_recipe_data_table():
-    """tiny's [data] also shapes `nanoseek run`'s corpus (difficulty, mix, task_mix): the README's
-    `nanoseek pretrain --recipe tiny` must accept it."""
+    """tiny's [data] shapes the built-in corpus (difficulty, mix, task_mix) for `nanoseek run` and `nanoseek
+    pretrain` alike: the README's `nanoseek pretrain --recipe tiny` must accept it."""
     data = from_dict(DataConfig, load_recipe("tiny")["data"], "data")
     assert data.mix and data.task_mix and data.difficulty == "1-2"
 

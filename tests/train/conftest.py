@@ -3,14 +3,14 @@
 import pytest
 
 from nanoseek.config import load_recipe
-from nanoseek.data.cli import ensure_builtin_data
+from nanoseek.data.builtin import DataConfig, cached
 
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     data = load_recipe("debug")["data"]
-    ensure_builtin_data(root, data["docs"], data["vocab_size"], data["seed"])
+    cached(DataConfig(**data, root=str(root)))
     return root
 
 
