@@ -220,6 +220,17 @@ def _value_equal(pred: str, gold: str) -> bool:
     return _text_key(pred) == _text_key(gold)
 
 
+def check_answer(answer: str | None, gold: str, problem: Any = None) -> bool:
+    """The one grading rule of training and evaluation: no answer is wrong; a built-in problem (anything with a
+    `check(answer)` method, such as `data.synth.Problem`) is graded by its own checker, anything else by
+    `answers_equal` against the gold answer."""
+    if answer is None:
+        return False
+    if problem is not None:
+        return problem.check(answer)
+    return answers_equal(answer, gold)
+
+
 def answers_equal(pred: str | None, gold: str) -> bool:
     """Whether a predicted answer states exactly the gold value(s).
 

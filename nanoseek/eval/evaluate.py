@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from nanoseek.common import write_json, write_jsonl
 from nanoseek.eval.games import GAMES, optimal_player, play_match, random_player, text_player
@@ -40,7 +39,7 @@ from nanoseek.eval.metrics import (
     mean_pass_at_k,
 )
 from nanoseek.eval.tasks import LETTERS, EvalTask, Example, choice_prompt, load_task
-from nanoseek.infer.rollout import TEMPLATES, render
+from nanoseek.infer.rollout import TEMPLATES, Sample, Sampler, question_prompt
 from nanoseek.infer.verify import judge
 from nanoseek.rewards import extract_answer, grounding_reward
 
@@ -65,57 +64,41 @@ def resolve_template(checkpoint: Path, template: str) -> str:
     return "r1_zero" if stage == "pretrain" else "chat"
 
 
-class Generator:
-    """Batched generation through the inference engine, timing every completion."""
+class Asker:
+    """Questions asked in the model's template through the one sampler every stage uses (`infer.rollout.Sampler`);
+    greedy passes may draft with MTP (same output, and it measures acceptance). Question i of a call samples with
+    seed · 1,000,003 + i, so a problem's samples do not depend on what it is asked with."""
 
     def __init__(self, model, tokenizer, template: str, batch: int, max_new_tokens: int, progress: bool):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.batch, self.max_new_tokens, self.progress = batch, max_new_tokens, progress
-        self.tokens = 0  # generated tokens, all calls
-        self.seconds = 0.0  # wall time spent generating, all calls
-        self.mtp_proposed = self.mtp_accepted = 0
+        ctx = model.config.max_position_embeddings
+        if max_new_tokens >= ctx:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+                             f"of {ctx}")
+        self.template, self.progress = template, progress
+        self.sampler = Sampler(model, tokenizer, batch, max_new_tokens, ctx - max_new_tokens - 1)
+        self.drafting = Sampler(model, tokenizer, batch, max_new_tokens, ctx - max_new_tokens - 1,
+                                speculative=True) if len(model.mtp) > 0 else None
 
     def __call__(self, questions: Sequence[str], samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, desc: str = "", speculative: bool = False) -> list[list[dict[str, Any]]]:
-        """`samples` completions per question -> per question, a list of {text, tokens, latency} where `text`
-        is the answer as the model wrote it, including what the prompt opened (`<think>\\n` for chat)."""
-        from nanoseek.infer.engine import Engine
-        from nanoseek.infer.sampling import SamplingParams
+                 seed: int = 0, desc: str = "", speculative: bool = False) -> list[list[Sample]]:
+        """`samples` completions per question -> per question, a list of samples whose `text` is the answer as the
+        model wrote it, including what the prompt opened (`<think>\\n` for chat)."""
+        sampler = self.drafting if speculative and self.drafting is not None else self.sampler
+        prompts = [question_prompt(sampler.tokenizer, q, self.template) for q in questions]
+        return sampler.sample(prompts, samples, temperature, top_p, seed * 1_000_003,
+                              f"{desc or 'task'}" if self.progress else None)
 
-        prompts = [render(self.tokenizer, q, self.template) for q in questions]  # (ids, prefill)
-        ctx = self.model.config.max_position_embeddings
-        longest = max(len(ids) for ids, _ in prompts)
-        if longest >= ctx:
-            raise ValueError(f"a {desc or 'task'} prompt has {longest} tokens; the model's context is {ctx}")
-        engine = Engine(self.model, self.tokenizer, max_batch=max(self.batch, samples),
-                        max_len=min(ctx, longest + self.max_new_tokens + 2), speculative=speculative)
-        # every question gets its own seed, so a problem's samples do not depend on what it is batched with
-        params = [SamplingParams(max_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p, n=samples,
-                                 seed=seed * 1_000_003 + i, stop=["</answer>"]) for i in range(len(prompts))]
-        bar = tqdm(total=len(prompts) * samples, desc=desc, unit="sample", disable=not self.progress,
-                   dynamic_ncols=True, leave=False)
-        done: dict[tuple[str, int], float] = {}
-        t0 = time.perf_counter()
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in (self.sampler, self.drafting) if s is not None)
 
-        def stream(ev) -> None:
-            if ev.finish_reason is not None:
-                done[(ev.request_id, ev.index)] = time.perf_counter() - t0
-                bar.update(1)
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in (self.sampler, self.drafting) if s is not None)
 
-        completions = engine.generate([ids for ids, _ in prompts], params, stream=stream)
-        bar.close()
-        self.seconds += time.perf_counter() - t0
-        if engine.drafter is not None:
-            self.mtp_proposed += engine.drafter.proposed
-            self.mtp_accepted += engine.drafter.accepted
-        out: list[list[dict[str, Any]]] = [[] for _ in prompts]
-        for j, c in enumerate(completions):  # prompt order, then sample order
-            self.tokens += len(c.tokens)
-            # decoded from the ids, so the closing </answer> that stopped generation is kept
-            text = prompts[j // samples][1] + self.tokenizer.decode(c.tokens)
-            out[j // samples].append({"text": text, "tokens": len(c.tokens),
-                                      "latency": done[(c.request_id, c.index)]})
-        return out
+    def mtp_acceptance(self) -> float | None:
+        drafter = self.drafting.engine.drafter if self.drafting is not None else None
+        return drafter.accepted / drafter.proposed if drafter is not None and drafter.proposed else None
 
 
 def _per_problem(examples: Sequence[Example], scores: list[float]) -> dict[str, Any]:
@@ -124,9 +107,8 @@ def _per_problem(examples: Sequence[Example], scores: list[float]) -> dict[str, 
             "per_problem": {"ids": [ex.id for ex in examples], "pass@1": scores}}
 
 
-def _generate_task(gen: Generator, task: EvalTask, k: int, temperature: float, top_p: float, seed: int,
-                   threshold: float, speculative: bool,
-                   greedy: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _generate_task(gen: Asker, task: EvalTask, k: int, temperature: float, top_p: float, seed: int,
+                   threshold: float, greedy: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics of a generative task, and one record per sample for inspection. `greedy`: also the greedy pass
     over each problem and its paraphrases (greedy accuracy, consistency)."""
     same = task.same()
@@ -136,21 +118,21 @@ def _generate_task(gen: Generator, task: EvalTask, k: int, temperature: float, t
     sample_seconds, sample_tokens = gen.seconds - seconds, gen.tokens - tokens
     records, rows, first, first_ok, vote_ok, verdicts, verdict_ok, texts = [], [], [], [], [], [], [], []
     for ex, outs in zip(examples, sampled, strict=True):
-        answers = [extract_answer(o["text"]) for o in outs]
+        answers = [extract_answer(o.text) for o in outs]
         correct = [task.check(ex, a) for a in answers]
         rows.append(correct)
         first.append(answers[0])
         first_ok.append(correct[0])
         vote_ok.append(task.check(ex, majority_vote(answers, same).answer))
         # the verification loop's own decision over the same k chains: its vote, or "not sure" below threshold
-        verdict = judge([o["text"] for o in outs], threshold)
+        verdict = judge([o.text for o in outs], threshold)
         verdicts.append(verdict)
         verdict_ok.append(task.check(ex, verdict.answer))
-        texts += [o["text"] for o in outs]
-        records += [{"task": task.name, "id": ex.id, "sample": i, "completion": o["text"], "answer": a,
+        texts += [o.text for o in outs]
+        records += [{"task": task.name, "id": ex.id, "sample": i, "completion": o.text, "answer": a,
                      "gold": ex.answer, "correct": ok} for i, (o, a, ok) in enumerate(zip(outs, answers, correct,
                                                                                           strict=True))]
-    lat = [o["latency"] for outs in sampled for o in outs]
+    lat = [o.latency for outs in sampled for o in outs]
     metrics: dict[str, Any] = {
         "n": len(examples), "k": k,
         "pass@1": mean_pass_at_k(rows, 1),
@@ -169,21 +151,21 @@ def _generate_task(gen: Generator, task: EvalTask, k: int, temperature: float, t
     with_passage = [(ex, outs) for ex, outs in zip(examples, sampled, strict=True) if ex.passage]
     if with_passage:  # factual reliability: claims not backed by the passage
         scores = [s for ex, outs in with_passage
-                  for s in grounding_reward([o["text"] for o in outs], [ex.passage] * len(outs),
+                  for s in grounding_reward([o.text for o in outs], [ex.passage] * len(outs),
                                             [ex.question] * len(outs))]
         metrics["unsupported_claims"] = -sum(scores) / len(scores)
     if greedy:
-        metrics.update(_consistency(gen, task, seed, speculative))
+        metrics.update(_consistency(gen, task, seed))
     metrics.update(_per_problem(examples, [sum(row) / k for row in rows]))
     return metrics, records
 
 
-def _consistency(gen: Generator, task: EvalTask, seed: int, speculative: bool) -> dict[str, Any]:
+def _consistency(gen: Asker, task: EvalTask, seed: int) -> dict[str, Any]:
     """Greedy answers to each problem and its paraphrases: greedy accuracy and logical consistency."""
     variants: list[tuple[Example, list[str]]] = [(ex, [ex.question] + ex.paraphrases) for ex in task.examples]
     flat = [q for _, qs in variants for q in qs]
-    outs = gen(flat, 1, 0.0, 1.0, seed, f"{task.name} greedy", speculative=speculative)
-    answers = [extract_answer(o[0]["text"]) for o in outs]
+    outs = gen(flat, 1, 0.0, 1.0, seed, f"{task.name} greedy", speculative=True)
+    answers = [extract_answer(o[0].text) for o in outs]
     groups, greedy_ok, at = [], [], 0
     for ex, qs in variants:
         group = answers[at:at + len(qs)]
@@ -232,14 +214,14 @@ def _choice_task(model, tokenizer, task: EvalTask, batch: int) -> tuple[dict[str
     return {"n": len(task.examples), "pass@1": sum(hits) / len(hits), **_per_problem(task.examples, hits)}, records
 
 
-def _game(gen: Generator, name: str, n: int, seed: int) -> dict[str, Any]:
+def _game(gen: Asker, name: str, n: int, seed: int) -> dict[str, Any]:
     """The model (greedy) against the optimal and the random player, n games each, alternating first move.
 
     Win and forfeit rates carry 95% intervals bootstrapped over games. `optimal_move_rate` is the share of
     all the model's moves (both matches) that keep the position's value; its interval resamples games, not
     moves, since the moves of one game depend on each other (a ratio over games weighted by their moves)."""
     game = GAMES[name]()
-    player = text_player(game, lambda qs: [o[0]["text"] for o in gen(qs, 1, 0.0, 1.0, seed, name)])
+    player = text_player(game, lambda qs: [o[0].text for o in gen(qs, 1, 0.0, 1.0, seed, name)])
     out: dict[str, Any] = {"games": n}
     kept: list[int] = []
     moved: list[int] = []
@@ -265,7 +247,7 @@ def heldout_texts(tasks: Sequence[EvalTask]) -> list[str]:
             for t in tasks for ex in t.examples if ex.problem is not None]
 
 
-def _speed(gen: Generator, questions: Sequence[str], seed: int) -> dict[str, Any]:
+def _speed(gen: Asker, questions: Sequence[str], seed: int) -> dict[str, Any]:
     """Single-request latency and tokens/s (batch 1, greedy): what one user waiting for one answer sees."""
     tokens, seconds = 0, 0.0
     for q in questions:
@@ -309,8 +291,7 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
     tokenizer = Tokenizer.load(ckpt)
     model = load(ckpt)
     template = resolve_template(ckpt, template)
-    speculative = len(model.mtp) > 0  # greedy passes draft with MTP: same output, and it measures acceptance
-    gen = Generator(model, tokenizer, template, batch, max_new_tokens, progress)
+    gen = Asker(model, tokenizer, template, batch, max_new_tokens, progress)
 
     results: dict[str, dict[str, Any]] = {}
     samples: list[dict[str, Any]] = []
@@ -321,7 +302,7 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
             results[task.name], records = _choice_task(model, tokenizer, task, batch)
         else:
             results[task.name], records = _generate_task(gen, task, k, temperature, top_p, seed, threshold,
-                                                         speculative, consistency)
+                                                         consistency)
         samples += records
     for name in (s for s in tasks if s in GAMES):
         results[name] = _game(gen, name, games, seed)
@@ -331,8 +312,8 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
     speed: dict[str, Any] = {"tokens_per_s": gen.tokens / gen.seconds if gen.seconds else None}
     if generative:
         speed.update(_speed(gen, generative[:3], seed))
-    if gen.mtp_proposed:
-        speed["mtp_acceptance"] = gen.mtp_accepted / gen.mtp_proposed
+    if (acceptance := gen.mtp_acceptance()) is not None:
+        speed["mtp_acceptance"] = acceptance
     result = {
         "model": str(model_path), "checkpoint": str(ckpt), "template": template,
         "settings": {"tasks": list(tasks), "k": k, "n": n, "temperature": temperature, "top_p": top_p,

@@ -25,7 +25,7 @@ from nanoseek.common import read_jsonl as read_records
 from nanoseek.data.synth import TASKS as SYNTH_TASKS
 from nanoseek.data.synth import Problem, eval_expression, make_problems
 from nanoseek.eval.metrics import same_answer
-from nanoseek.rewards import answers_equal, extract_answer, gold_answer
+from nanoseek.rewards import check_answer, extract_answer, gold_answer
 
 BUILTIN = ("arithmetic", "word_problems", "logic", "multihop", "countdown")
 BUILTIN_CHOICE = ("arithmetic_mc",)
@@ -52,12 +52,8 @@ class EvalTask:
     examples: list[Example]
 
     def check(self, example: Example, answer: str | None) -> bool:
-        """Is the extracted `answer` right? None (no answer) never is."""
-        if answer is None:
-            return False
-        if example.problem is not None:
-            return example.problem.check(answer)
-        return answers_equal(answer, example.answer)
+        """Is the extracted `answer` right? (`rewards.check_answer`, as in training.)"""
+        return check_answer(answer, example.answer, example.problem)
 
     def same(self) -> Callable[[str, str], bool]:
         """How two answers are compared for majority vote and consistency."""

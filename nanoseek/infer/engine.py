@@ -58,6 +58,7 @@ class TokenEvent:
     finish_reason: str | None = None  # None while running, else "stop" | "length" | "abort" | "error"
     experts: list[list[int]] | None = None  # [n_moe_layers][top_k] for this token when the request asked
     error: str | None = None  # why the sample failed (finish_reason "error"); the engine's other rows go on
+    stop_token: int | None = None  # the stop token (EOS or one of stop_token_ids) that ended the sample
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Completion:
     text: str
     finish_reason: str
     experts: list[list[list[int]]] | None = None  # per generated token: [n_moe_layers][top_k]
+    stop_token: int | None = None  # which stop token ended it (finish_reason "stop" by a token, not a string)
 
 
 class Backend(ABC):
@@ -125,7 +127,7 @@ class Backend(ABC):
                         c.experts.append(ev.experts)
                 c.text += ev.text
                 if ev.finish_reason:
-                    c.finish_reason = ev.finish_reason
+                    c.finish_reason, c.stop_token = ev.finish_reason, ev.stop_token
                 if stream is not None:
                     stream(ev)
         return list(results.values())
@@ -437,7 +439,8 @@ class Engine(Backend):
             ex = experts[j] if experts is not None and req.routing else None
             if tok in seq.stop_ids:
                 seq.finish_reason = "stop"
-                events.append(TokenEvent(req.id, seq.index, None, seq.text.flush() if seq.text else "", "stop", ex))
+                events.append(TokenEvent(req.id, seq.index, None, seq.text.flush() if seq.text else "", "stop", ex,
+                                         stop_token=tok))
                 break
             seq.generated += 1
             if self.penalties is not None and req.params.penalised:

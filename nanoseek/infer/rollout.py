@@ -1,6 +1,7 @@
 """Rollouts: prompts from problems, n sampled completions per prompt through the inference engine, grading.
 
-GRPO, rejection sampling, distillation and DPO pair-building all sample the same way, so they share this.
+Everything that samples a model on questions does it here: GRPO, rejection sampling, distillation, DPO
+pair-building and `nanoseek eval` (whose held-out pass@1 is thus measured exactly as GRPO's curves are).
 
 Prompt templates (the same ids `nanoseek eval` uses):
     r1_zero  DeepSeek-R1-Zero's plain-text template from BOS; the completion opens with `<think>` itself.
@@ -8,25 +9,26 @@ Prompt templates (the same ids `nanoseek eval` uses):
              `<think>\\n` is part of the prompt, so it is prepended to the completion text (`prefill`) before
              the format reward reads it.
 
-Generation stops at `</answer>` (the last token of the R1 format; it is kept as the completion's last token so
-the policy learns to close the answer). EOS does not stop the engine (`ignore_eos`), so the one stop token is
-unambiguous; an EOS the model emits ends the completion here instead (it is kept, and nothing after it).
+Generation stops at `</answer>` (the last token of the R1 format) or at EOS; the stop token is kept as the
+completion's last token, so the policy learns to close its answer (and its turn).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from nanoseek.data.synth import Problem, iter_problems, r1_zero_prompt
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.rewards import answers_equal, extract_answer, format_reward
+from nanoseek.rewards import check_answer, extract_answer, format_reward
 
 TEMPLATES = ("r1_zero", "chat")
 
@@ -47,6 +49,7 @@ class Sample:
     ids: list[int]  # the completion's tokens, ending with the stop token or EOS when it stopped
     text: str  # prefill + decoded completion: what rewards and graders read
     truncated: bool  # ran out of tokens before stopping
+    latency: float = 0.0  # seconds from the start of its sample() call until it finished
 
 
 def render(tokenizer: Tokenizer, question: str, template: str) -> tuple[list[int], str]:
@@ -58,6 +61,12 @@ def render(tokenizer: Tokenizer, question: str, template: str) -> tuple[list[int
                                             thinking=True)
         return ids, "<think>\n"
     raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATES}")
+
+
+def question_prompt(tokenizer: Tokenizer, question: str, template: str) -> Prompt:
+    """A bare question (graded by the caller)."""
+    ids, prefill = render(tokenizer, question, template)
+    return Prompt(ids, prefill, {"question": question})
 
 
 def problem_prompt(tokenizer: Tokenizer, problem: Problem, template: str) -> Prompt:
@@ -97,56 +106,65 @@ def builtin_prompts(tokenizer: Tokenizer, tasks: dict[str, float], difficulty: S
 @dataclass
 class Sampler:
     """Samples completions with one inference engine, reused across calls (the policy's weights are shared,
-    so updates made between calls are seen by the next one)."""
+    so updates made between calls are seen by the next one). `speculative` drafts with the first MTP module
+    (same output, fewer steps); `tokens` and `seconds` add up what every call generated and took."""
 
     model: torch.nn.Module
     tokenizer: Tokenizer
     max_batch: int
     max_new_tokens: int
     max_prompt_tokens: int = 256
+    speculative: bool = False
     engine: Engine = field(init=False)
+    tokens: int = field(init=False, default=0)
+    seconds: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         # no tokenizer for the engine: completions are decoded once at the end, not token by token
-        self.engine = Engine(self.model, None, max_batch=self.max_batch,
+        self.engine = Engine(self.model, None, max_batch=self.max_batch, speculative=self.speculative,
                              max_len=self.max_prompt_tokens + self.max_new_tokens + 1)
 
     def sample(self, prompts: Sequence[Prompt], n: int, temperature: float = 1.0, top_p: float = 1.0,
-               seed: int | None = None) -> list[list[Sample]]:
-        """n completions for each prompt -> [prompt][sample]. The model is left in eval mode."""
+               seed: int | None = None, desc: str | None = None) -> list[list[Sample]]:
+        """n completions for each prompt -> [prompt][sample]; prompt i samples with seed + i, so a prompt's
+        samples do not depend on what it is batched with. `desc` shows a progress bar. The model is left in eval
+        mode."""
         long = [len(p.ids) for p in prompts if len(p.ids) > self.max_prompt_tokens]
         if long:
             raise ValueError(f"a prompt has {long[0]} tokens; the limit is max_prompt_tokens="
                              f"{self.max_prompt_tokens}")
-        stop = self.tokenizer.end_answer_id
         eos = self.tokenizer.eos_id
         params = [SamplingParams(max_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p, n=n,
-                                 stop_token_ids=[stop], ignore_eos=True,
+                                 stop_token_ids=[self.tokenizer.end_answer_id],  # and EOS
                                  seed=None if seed is None else seed + i) for i in range(len(prompts))]
         self.model.eval()
-        done = self.engine.generate([p.ids for p in prompts], params)
+        bar = tqdm(total=len(prompts) * n, desc=desc, unit="sample", disable=desc is None, dynamic_ncols=True,
+                   leave=False)
+        finished: dict[tuple[str, int], float] = {}
+        start = time.perf_counter()
+
+        def stream(event) -> None:
+            if event.finish_reason is not None:
+                finished[(event.request_id, event.index)] = time.perf_counter() - start
+                bar.update(1)
+
+        done = self.engine.generate([p.ids for p in prompts], params, stream=stream)
+        bar.close()
+        self.seconds += time.perf_counter() - start
         out: list[list[Sample]] = [[] for _ in prompts]
         for k, c in enumerate(done):  # prompt order, then sample order
             prompt = prompts[k // n]
-            ids = list(c.tokens)
-            stopped = c.finish_reason == "stop"
-            if eos in ids:
-                ids, stopped = ids[:ids.index(eos) + 1], True
-            elif stopped:
-                ids.append(stop)
+            ids = list(c.tokens) + ([c.stop_token] if c.stop_token is not None else [])
+            self.tokens += len(ids)
             text = prompt.prefill + self.tokenizer.decode([t for t in ids if t != eos])
-            out[k // n].append(Sample(prompt, ids, text, truncated=not stopped))
+            out[k // n].append(Sample(prompt, ids, text, c.finish_reason != "stop",
+                                      finished[(c.request_id, c.index)]))
         return out
 
 
 def is_correct(sample: Sample) -> bool:
-    """Grade one sample: a built-in problem's own checker on the extracted answer, else `answers_equal`."""
-    answer = extract_answer(sample.text)
-    if answer is None:
-        return False
-    if sample.prompt.problem is not None:
-        return sample.prompt.problem.check(answer)
-    return answers_equal(answer, sample.prompt.columns["answer"])
+    """Grade one sample on its extracted answer (`rewards.check_answer`, as `nanoseek eval` grades)."""
+    return check_answer(extract_answer(sample.text), sample.prompt.columns.get("answer", ""), sample.prompt.problem)
 
 
 @torch.no_grad()

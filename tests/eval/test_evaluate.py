@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.eval.evaluate import Generator, _choice_task, add_arguments, evaluate, main, resolve_template
+from nanoseek.eval.evaluate import Asker, _choice_task, add_arguments, evaluate, main, resolve_template
 from nanoseek.eval.tasks import LETTERS, choice_prompt, load_task
 from nanoseek.model.hf import load
 
@@ -95,12 +95,12 @@ def test_multiple_choice_scores_match_one_option_at_a_time(checkpoint):
 
 def test_chat_template_completions_start_with_the_prefilled_think(checkpoint):
     model, tok = load(checkpoint), Tokenizer.load(checkpoint)
-    gen = Generator(model, tok, "chat", batch=4, max_new_tokens=4, progress=False)
+    gen = Asker(model, tok, "chat", batch=4, max_new_tokens=4, progress=False)
     outs = gen(["What is 2 + 2?", "What is 3 + 1?"], samples=2, temperature=1.0, seed=1)
     assert [len(o) for o in outs] == [2, 2]
-    assert all(s["text"].startswith("<think>\n") and 1 <= s["tokens"] <= 4 for o in outs for s in o)
+    assert all(s.text.startswith("<think>\n") and 1 <= len(s.ids) <= 5 for o in outs for s in o)  # + a stop token
     again = gen(["What is 2 + 2?"], samples=2, temperature=1.0, seed=1)
-    assert [s["text"] for s in again[0]] == [s["text"] for s in outs[0]]  # seeded per question, not per batch
+    assert [s.text for s in again[0]] == [s.text for s in outs[0]]  # seeded per question, not per batch
 
 
 @pytest.mark.parametrize(("meta", "expected"), [
