@@ -30,7 +30,7 @@ from nanoseek.model import Transformer, preset
 from nanoseek.model.hf import resolve_checkpoint
 from nanoseek.posttrain.rejection import SamplingConfig, sample_and_select, sft_record, training_prompts
 from nanoseek.posttrain.sft import sft
-from nanoseek.posttrain.stage import load_policy
+from nanoseek.posttrain.stage import add_stage_arguments, load_policy
 
 
 @dataclass
@@ -173,12 +173,9 @@ def distill(recipe: dict[str, Any], out_dir: str | Path, teacher: str | Path | N
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", required=True, help="built-in recipe name or TOML file ([distill] table)")
-    parser.add_argument("--out", required=True, type=Path, help="run directory (data.jsonl, student/)")
+    add_stage_arguments(parser, "distill", out_help="run directory (data.jsonl, student/)", init=False, resume=False)
     parser.add_argument("--teacher", help="teacher: nanoseek checkpoint/run dir or HF causal-LM dir")
     parser.add_argument("--student", help="student starting checkpoint (default: [distill].student or preset)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -124,12 +124,14 @@ def check_fresh_run(out: Path, resume: bool) -> None:
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, table: str, out_help: str = "run directory",
-                        init_help: str | None = None, resume: bool = True) -> None:
+                        init_help: str | None = None, resume: bool = True, init: bool = True) -> None:
     """The arguments every post-training command shares: --recipe (its [table]), --out, --init, --resume,
     --set and --no-progress. Commands add their own (--data, --teacher, ...) after these."""
     parser.add_argument("--recipe", required=True, help=f"built-in recipe name or TOML file ([{table}] table)")
     parser.add_argument("--out", required=True, type=Path, help=out_help)
-    parser.add_argument("--init", help=init_help or f"starting checkpoint or run directory (overrides [{table}].init)")
+    if init:
+        parser.add_argument("--init", help=init_help or f"starting checkpoint or run directory (overrides "
+                                                         f"[{table}].init)")
     if resume:
         parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
