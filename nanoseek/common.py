@@ -41,7 +41,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """JSON, indented, atomically; NaN and infinity are refused (they are not JSON)."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n"))
+    text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

@@ -8,12 +8,9 @@ reason; `build_manifest` refuses to write one that does not.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 STAGES = ("normalize", "language", "quality", "toxicity", "decontamination", "pii", "exact_dedup", "near_dedup")
@@ -145,13 +142,6 @@ def _top_reasons(counts: Counter[str], shown: int) -> dict[str, int]:
     top = dict(counts.most_common(shown))
     rest = sum(counts.values()) - sum(top.values())
     return top | {OTHER_REASONS: rest} if rest else top
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 def data_card(manifest: dict[str, Any], command: str) -> str:

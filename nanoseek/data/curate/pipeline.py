@@ -50,6 +50,7 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm import tqdm
 
+from nanoseek.common import write_json
 from nanoseek.data.curate.decontam import DecontamConfig, EvalIndex, load_index
 from nanoseek.data.curate.dedup import (
     DedupConfig,
@@ -63,7 +64,7 @@ from nanoseek.data.curate.dedup import (
 )
 from nanoseek.data.curate.filters import QualityConfig, quality
 from nanoseek.data.curate.langid import LangIdConfig, language_reason
-from nanoseek.data.curate.manifest import MixConfig, build_manifest, data_card, reason_kind, write_json
+from nanoseek.data.curate.manifest import MixConfig, build_manifest, data_card, reason_kind
 from nanoseek.data.curate.normalize import normalize_text
 from nanoseek.data.curate.pii import PiiConfig, redact
 from nanoseek.data.curate.toxicity import ToxicityClassifier, ToxicityConfig, toxicity_reason, train_classifier

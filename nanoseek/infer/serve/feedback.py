@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import sys
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from nanoseek.common import write_jsonl
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
@@ -83,14 +84,6 @@ class FeedbackStore:
         return out
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def export(db: str | Path, out_dir: str | Path) -> dict[str, int]:
     """Write sft.jsonl, preference.jsonl and review.jsonl (see the module docstring); returns record counts."""
     if not Path(db).exists():
@@ -118,9 +111,9 @@ def export(db: str | Path, out_dir: str | Path) -> dict[str, int]:
     preference = [{"prompt": json.loads(key), "chosen": [{"role": "assistant", "content": good}],
                    "rejected": [{"role": "assistant", "content": bad}]}
                   for key, answers in by_prompt.items() for good in answers[1] for bad in answers[-1]]
-    _write_jsonl(out / "sft.jsonl", sft)
-    _write_jsonl(out / "preference.jsonl", preference)
-    _write_jsonl(out / "review.jsonl", review)
+    write_jsonl(out / "sft.jsonl", sft)
+    write_jsonl(out / "preference.jsonl", preference)
+    write_jsonl(out / "review.jsonl", review)
     return {"sft": len(sft), "preference": len(preference), "review": len(review)}
 
 
