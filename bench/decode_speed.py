@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from roofline import decode_limit, fraction, machine
 
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -201,14 +202,21 @@ def main() -> None:
     report: dict = {"config": {"params": model.num_params(), "active": model.num_params(active=True),
                                "threads": torch.get_num_threads(), "model": args.model or args.preset,
                                "compile": args.compile}}
+    report["machine"] = limits = machine()
+    print(f"this machine: fp32 GEMM {limits['gemm_flop_s'] / 1e9:.1f} GFLOP/s, memory "
+          f"{limits['bandwidth_bytes_s'] / 1e9:.1f} GB/s ({limits['threads']} threads)", flush=True)
     cases = {"b1_short": (1, 16), "b1_long": (1, args.long_prompt), "b16": (16, 16)}
     for name, (B, P) in cases.items():
         report[name] = decode_case(model, hf, torch.randint(10, V, (B, P), generator=g), n, args.repeats,
                                    args.compile)
         r = report[name]
+        # bandwidth-bound ceiling: active weights once per step + each row's latent cache, mid-generation
+        r["limit_tok_s"] = decode_limit(model, P + n // 2, B, limits["bandwidth_bytes_s"])
         print(f"{name:9s} B{B} P{P}: decode {r['decode_tok_s']['nanoseek']:8.1f} tok/s vs transformers "
               f"{r['decode_tok_s']['transformers']:8.1f} -> {r['decode_speedup']:.2f}x "
-              f"(end to end {r['end_to_end_speedup']:.2f}x, identical={r['identical']})", flush=True)
+              f"(end to end {r['end_to_end_speedup']:.2f}x, identical={r['identical']}); ours "
+              f"{fraction(r['decode_tok_s']['nanoseek'], r['limit_tok_s'])} ({r['limit_tok_s']:.0f} tok/s)",
+              flush=True)
     report["kv_cache_bytes_per_token"] = kv = cache_bytes(model, hf)
     print(f"KV cache bytes/token: nanoseek {kv['nanoseek']}, transformers {kv['transformers']:.0f}, "
           f"MHA same heads {kv['mha_same_heads']} ({kv['mha_over_nanoseek']:.1f}x ours)", flush=True)

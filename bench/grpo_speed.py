@@ -38,6 +38,9 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from roofline import decode_limit, fraction, machine
+
+import nanoseek
 
 PHASES = ("generation", "rollout_rest", "update")
 
@@ -102,17 +105,24 @@ def run_nanoseek(model_dir: Path, args: argparse.Namespace) -> tuple[list[dict[s
     return steps[1:], statistics.mean(lengths[1:])
 
 
+def prompts_of(model_dir: Path, args: argparse.Namespace) -> list:
+    """The prompts (ids) nanoseek's trainer draws, in order."""
+    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.posttrain.grpo import prompt_stream
+
+    cfg = nanoseek_config(args)
+    return list(islice(prompt_stream(cfg, Tokenizer.load(model_dir), cfg.seed), args.prompts * (args.steps + 1)))
+
+
 def same_prompts(model_dir: Path, args: argparse.Namespace) -> list[str]:
     """The text of the prompts nanoseek's trainer draws (its prompt stream, same seed), in order; each is
     checked to tokenise with transformers' tokenizer to exactly the ids nanoseek samples from."""
     from transformers import AutoTokenizer
 
     from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.posttrain.grpo import prompt_stream
 
-    cfg = nanoseek_config(args)
     ours, theirs = Tokenizer.load(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    prompts = list(islice(prompt_stream(cfg, ours, cfg.seed), args.prompts * (args.steps + 1)))
+    prompts = prompts_of(model_dir, args)
     texts = [ours.decode(p.ids) for p in prompts]
     for p, text in zip(prompts, texts, strict=True):
         if theirs(text)["input_ids"] != p.ids:  # the call TRL tokenises text prompts with
@@ -206,6 +216,9 @@ def main() -> int:
         prompts = same_prompts(model_dir, args)
         ours, our_len = run_nanoseek(model_dir, args)
         theirs, their_len = run_trl(model_dir, args, prompts)
+        model = nanoseek.load(model_dir)
+        prompt_len = statistics.mean(len(p.ids) for p in prompts_of(model_dir, args))
+    limits = machine()
     a, b = median_phases(ours), median_phases(theirs)
     n = args.prompts * args.group
     print(f"GRPO step, {args.prompts} prompts x {args.group} samples, <= {args.max_new_tokens} new tokens, "
@@ -216,6 +229,14 @@ def main() -> int:
               f"  {length:10.1f}  {n * length / t['step']:7.1f}")
     print(f"  speed-up: {b['step'] / a['step']:.2f}x per step (generation {b['generation'] / a['generation']:.2f}x, "
           f"update {b['update'] / a['update']:.2f}x)")
+    peak, bw = limits["gemm_flop_s"], limits["bandwidth_bytes_s"]
+    tokens = n * (prompt_len + our_len)  # one update: forward + backward over every row
+    flops = model.flops_per_token(int(prompt_len + our_len)) * tokens / a["update"]
+    gen_limit = decode_limit(model, int(prompt_len + our_len / 2), n, bw)
+    gen_rate = n * our_len / a["generation"]
+    print(f"  roofline ({peak / 1e9:.1f} GFLOP/s fp32 GEMM, {bw / 1e9:.1f} GB/s, measured now): nanoseek's update "
+          f"{flops / 1e9:.2f} GFLOP/s = {fraction(flops, peak)}; generation {gen_rate:.0f} tok/s = "
+          f"{fraction(gen_rate, gen_limit)} (bandwidth bound at batch {n}: {gen_limit:.0f} tok/s)")
     print(f"  1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} "
           f"CPUs (this run itself adds about {args.threads})")
     return 0

@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from roofline import fraction, gemm_peak
 
 from nanoseek.model import Transformer, preset
 from nanoseek.model.balance import update_bias
@@ -102,10 +103,14 @@ def main() -> int:
           f"batch {args.batch} × {args.seq_len} tokens, fp32, {torch.get_num_threads()} threads, "
           f"transformers experts={getattr(hf_config, '_experts_implementation', None)}, attn={args.hf_attn}")
     print(f"first-step loss: nanoseek {losses['nanoseek'][0]:.6f}  transformers {losses['transformers'][0]:.6f}")
-    print("| framework | median step (s) | tokens/s |")
-    print("|---|---|---|")
+    peak = gemm_peak()  # the ceiling of a training step: its matmul FLOPs at this machine's fp32 GEMM speed
+    flops = plain.flops_per_token(args.seq_len)
+    print(f"this machine's fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s -> at most {peak / flops:.0f} tokens/s")
+    print("| framework | median step (s) | tokens/s | fraction of the GEMM limit |")
+    print("|---|---|---|---|")
     for name in runs:
-        print(f"| {name} | {statistics.median(times[name]):.3f} | {tps[name]:.0f} |")
+        share = fraction(tps[name] * flops, peak)
+        print(f"| {name} | {statistics.median(times[name]):.3f} | {tps[name]:.0f} | {share} |")
     print(f"speed-up nanoseek / transformers: {tps['nanoseek'] / tps['transformers']:.2f}x (goal >= 1.5x)")
     return 0
 

@@ -12,10 +12,11 @@ tested against (tests compare both, and against transformers):
 - routed experts: a token routed to K experts reads just those K experts' weights when the step has few
   (token, expert) pairs, else the model's grouped matmul over experts sorted by id.
 
-Every step reads the keys already cached (`old`, under a validity mask) and attends to its own new tokens from
-registers; the new latents are written into the cache afterwards. The step itself mutates nothing and its shapes
-depend only on (rows, new tokens, cached columns read), which is what lets `compile=True` run a whole step, all
-layers and routing included, as one `torch.compile` graph: at batch 1 a 12M-parameter model spends more time
+Every step reads the keys already cached (`old`, under a validity mask) and its own new tokens. Eagerly, each
+layer writes its new latents into the cache and attends over it in place. Compiled, the step mutates nothing (the
+new keys join from registers and are written into the cache afterwards) and its shapes depend only on (rows, new
+tokens, cached columns read), which is what lets `compile=True` run a whole step, all layers and routing
+included, as one `torch.compile` graph: at batch 1 a 12M-parameter model spends more time
 dispatching ~2,400 small ops per token than computing. A compiled step reads a power-of-two prefix of the cache
 (at least 128 columns, masked), so there is one compilation per (rows, new tokens, prefix), each ~30-60 s on 2
 busy CPU cores: meant for long-lived engines. Eager steps read exactly the cached columns.
@@ -85,15 +86,16 @@ class Decoder:
             old = (torch.arange(S, device=positions.device) < start).expand(n, S)
             old = old.contiguous() if key_mask is None else old & key_mask[:n, :S]
             new = torch.ones(n, t, dtype=torch.bool, device=positions.device)
-        else:
-            S = start
+        else:  # the cached columns and the t new ones, which the step writes in place
+            S = start + t
             if key_mask is not None:
-                old = key_mask[:n, :S]
+                old = key_mask[:n, :start]
         if key_mask is not None:
             new = key_mask[:n, start:start + t].contiguous()
         x, c_new, pe_new = step(*inputs, positions, old, new, cache.c_kv[:, :, :S], cache.k_pe[:, :, :S])
-        cache.c_kv[layers, :, start:start + t] = c_new
-        cache.k_pe[layers, :, start:start + t] = pe_new
+        if self.compiled:
+            cache.c_kv[layers, :, start:start + t] = c_new
+            cache.k_pe[layers, :, start:start + t] = pe_new
         return x
 
     def main_step(self, ids, positions, old, new, c_kv, k_pe):
@@ -110,9 +112,11 @@ class Decoder:
 
     def blocks(self, blocks, x, positions, old, new, c_kv, k_pe):
         """Blocks on x [n, t, D] -> (x [n, t, D], c_kv of the new tokens [layers, n, t, r], k_pe [layers, n, t,
-        rope]); c_kv [layers, n, S, r] and k_pe hold the cached columns, old/new mark the valid keys."""
+        rope]). c_kv [layers, n, S, r] and k_pe hold the cached columns (compiled), or the cached columns and t
+        more that each layer writes its new latents into (eager); old/new mark the valid keys."""
+        t = x.shape[1]
         cos, sin = self.model.rotary(positions)  # [n, t, rope/2]
-        bias = self.attention_bias(old, new, c_kv.shape[2], x.shape[1], x.device)
+        bias = self.attention_bias(old, new, c_kv.shape[2] - (0 if self.compiled else t), t, x.device)
         cs, pes = [], []
         for block in blocks:
             attn = block.attn
@@ -141,17 +145,23 @@ class Decoder:
         allowed = torch.cat([cached.expand(rows, t, S), allowed.expand(rows, t, t)], dim=-1)
         return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
-    def attention(self, attn, x, cos, sin, bias, c_old, pe_old):
-        """Absorbed MLA of x [n, t, D] over the cached latents c_old [n, S, r], pe_old [n, S, rope] and its own
-        -> (output [n, t, D], the new normed latents [n, t, r], rotated rope keys [n, t, rope])."""
+    def attention(self, attn, x, cos, sin, bias, c_kv, k_pe):
+        """Absorbed MLA of x [n, t, D] over the cached latents and its own -> (output [n, t, D], the new normed
+        latents [n, t, r], rotated rope keys [n, t, rope]). c_kv [n, S, r], k_pe [n, S, rope] are this layer's
+        cached columns (compiled: the new keys join from registers) or those and the t new columns, written here
+        (eager: no copy of the cache per step)."""
         n, t, _ = x.shape
         H, nope, rope, v, r = self.H, self.nope, self.rope, self.v, self.r
         q = attn.q_b_proj(norm(attn.q_a_norm, attn.q_a_proj(x))) if attn.low_rank_q else attn.q_proj(x)
         q = q.view(n, t, H, nope + rope)
         q_nope, q_pe = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
         c, pe = attn.kv_a_proj(x).split([r, rope], dim=-1)
-        c, pe = norm(attn.kv_a_norm, c).to(c_old.dtype), apply_rope(pe, cos, sin).to(pe_old.dtype)
-        c_all, pe_all = torch.cat([c_old, c], dim=1), torch.cat([pe_old, pe], dim=1)  # [n, S + t, *]
+        c, pe = norm(attn.kv_a_norm, c).to(c_kv.dtype), apply_rope(pe, cos, sin).to(k_pe.dtype)
+        if self.compiled:
+            c_all, pe_all = torch.cat([c_kv, c], dim=1), torch.cat([k_pe, pe], dim=1)  # [n, S + t, *]
+        else:
+            c_kv[:, -t:], k_pe[:, -t:] = c, pe
+            c_all, pe_all = c_kv, k_pe
         w = attn.kv_b_proj.weight.view(H, nope + v, r)
         # heads as the batch dim: [H, n*t, nope] @ [H, nope, r] -> queries in latent space, rows (t, h)
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, n * t, nope), w[:, :nope])

@@ -87,9 +87,11 @@ class Transformer(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, extras: bool = False,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
+                key_mask: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor | ModelOutput:
         """input_ids [B, T] -> logits [B, T, V]; with extras=True a ModelOutput with MTP logits, the balance loss
-        and expert counts. key_mask [B, T] marks real (non-padding) tokens of left- or right-padded batches."""
+        and expert counts. key_mask [B, T] marks real (non-padding) tokens of left- or right-padded batches.
+        hidden=True returns the final normed hidden state [B, T, D] instead of logits, for callers that need the
+        head at a few positions only (RL scores completion tokens, not prompts)."""
         T = input_ids.shape[1]
         cos, sin = self.rotary(torch.arange(T, device=input_ids.device))
         emb = self.embed(input_ids)
@@ -98,6 +100,8 @@ class Transformer(nn.Module):
             x, aux = block(x, cos, sin, key_mask=key_mask, stats=extras)
             auxes.append(aux)
         h = self.norm(x)
+        if hidden:
+            return h
         logits = self.head(h)
         if not extras:
             return logits
