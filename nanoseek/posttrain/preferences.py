@@ -36,16 +36,22 @@ class Pair:
 
 
 def _messages(prompt: Any, reply: Any, where: str, side: str) -> list[dict[str, str]]:
-    """The conversation of one side: the prompt's turns, then `reply` as the assistant's."""
+    """The conversation of one side: the prompt's turns, then `reply`: the assistant's reply as a string, or its
+    turns as a list of messages (TRL's conversational preference format, which `nanoseek feedback export`
+    writes)."""
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
         raise ValueError(f"{where}: 'prompt' must be a string or a non-empty list of messages, got {prompt!r:.80}")
     if isinstance(prompt[-1], dict) and prompt[-1].get("role") in ("system", "assistant"):
         raise ValueError(f"{where}: 'prompt' must end with a user message (the reply answers it)")
-    if not isinstance(reply, str) or not reply.strip():
-        raise ValueError(f"{where}: '{side}' must be a non-empty string (the assistant's reply)")
-    messages = [*prompt, {"role": "assistant", "content": reply}]
+    if isinstance(reply, list) and reply:
+        messages = [*prompt, *reply]
+    elif isinstance(reply, str) and reply.strip():
+        messages = [*prompt, {"role": "assistant", "content": reply}]
+    else:
+        raise ValueError(f"{where}: '{side}' must be a non-empty string or a list of messages "
+                         f"(the assistant's reply)")
     validate_messages(messages, where)
     return messages
 

@@ -15,6 +15,8 @@ from nanoseek.infer.engine import Engine
 from nanoseek.infer.serve.app import Limits, create_app
 from nanoseek.infer.serve.feedback import FeedbackStore, export
 from nanoseek.model import Transformer, preset
+from nanoseek.posttrain.preferences import load_pairs
+from nanoseek.posttrain.sft import load_examples
 
 openai = pytest.importorskip("openai")
 
@@ -188,7 +190,7 @@ def test_bad_completion_requests_and_unknown_paths(live):
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_feedback_is_stored_and_exported(client, live, tmp_path):
+def test_feedback_is_stored_and_exported(client, live, tmp_path, tokenizer):
     good = client.chat.completions.create(model="chat-test", messages=HI, temperature=0, max_tokens=60,
                                           extra_body={"thinking": True})
     bad = client.chat.completions.create(model="chat-test", messages=HI, temperature=0, max_tokens=5,
@@ -208,6 +210,11 @@ def test_feedback_is_stored_and_exported(client, live, tmp_path):
     assert sft[-1]["messages"][-1]["content"].startswith("<think>\nthey greet me")  # reasoning kept for SFT
     pair = json.loads((tmp_path / "preference.jsonl").read_text().splitlines()[-1])
     assert pair["prompt"] == HI and pair["chosen"][0]["content"] != pair["rejected"][0]["content"]
+    # what the trainers read: the SFT conversations and the pairs (TRL's conversational preference format)
+    examples, skipped = load_examples([tmp_path / "sft.jsonl"], tokenizer, 4096, skip_invalid=False)
+    pairs, skipped_pairs = load_pairs(tmp_path / "preference.jsonl", tokenizer, 4096)
+    assert len(examples) == counts["sft"] and len(pairs) == counts["preference"]
+    assert not any(skipped.values()) and not any(skipped_pairs.values())
 
 
 def test_full_queue_gets_429_and_unsure_verify_is_logged(tokenizer, tmp_path):
