@@ -67,38 +67,51 @@ def resolve_template(checkpoint: Path, template: str) -> str:
 class Asker:
     """Questions asked in the model's template through the one sampler every stage uses (`infer.rollout.Sampler`);
     greedy passes may draft with MTP (same output, and it measures acceptance). Question i of a call samples with
-    seed · 1,000,003 + i, so a problem's samples do not depend on what it is asked with."""
+    seed · 1,000,003 + i, so a problem's samples do not depend on what it is asked with or on the batch size.
+    The samplers' caches are sized to the longest prompt asked so far (a power of two, at least 128 columns),
+    not to the whole context: a few MB per batch instead of hundreds."""
 
     def __init__(self, model, tokenizer, template: str, batch: int, max_new_tokens: int, progress: bool):
-        ctx = model.config.max_position_embeddings
-        if max_new_tokens >= ctx:
+        self.room = model.config.max_position_embeddings - max_new_tokens - 1  # the most a prompt may take
+        if self.room < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
-                             f"of {ctx}")
-        self.template, self.progress = template, progress
-        self.sampler = Sampler(model, tokenizer, batch, max_new_tokens, ctx - max_new_tokens - 1)
-        self.drafting = Sampler(model, tokenizer, batch, max_new_tokens, ctx - max_new_tokens - 1,
-                                speculative=True) if len(model.mtp) > 0 else None
+                             f"of {model.config.max_position_embeddings}")
+        self.model, self.tokenizer, self.template, self.progress = model, tokenizer, template, progress
+        self.batch, self.max_new_tokens = batch, max_new_tokens
+        self.samplers: dict[bool, Sampler] = {}  # speculative -> the sampler in use
+        self.used: list[Sampler] = []  # every sampler made, for the totals
+
+    def sampler(self, speculative: bool, longest: int) -> Sampler:
+        speculative = speculative and len(self.model.mtp) > 0
+        current = self.samplers.get(speculative)
+        if current is None or current.max_prompt_tokens < longest:
+            room = min(self.room, max(128, 1 << (longest - 1).bit_length()))
+            current = self.samplers[speculative] = Sampler(self.model, self.tokenizer, self.batch, self.max_new_tokens,
+                                                           room, speculative=speculative)
+            self.used.append(current)
+        return current
 
     def __call__(self, questions: Sequence[str], samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, desc: str = "", speculative: bool = False) -> list[list[Sample]]:
         """`samples` completions per question -> per question, a list of samples whose `text` is the answer as the
         model wrote it, including what the prompt opened (`<think>\\n` for chat)."""
-        sampler = self.drafting if speculative and self.drafting is not None else self.sampler
-        prompts = [question_prompt(sampler.tokenizer, q, self.template) for q in questions]
+        prompts = [question_prompt(self.tokenizer, q, self.template) for q in questions]
+        sampler = self.sampler(speculative, max(len(p.ids) for p in prompts))
         return sampler.sample(prompts, samples, temperature, top_p, seed * 1_000_003,
                               f"{desc or 'task'}" if self.progress else None)
 
     @property
     def tokens(self) -> int:
-        return sum(s.tokens for s in (self.sampler, self.drafting) if s is not None)
+        return sum(s.tokens for s in self.used)
 
     @property
     def seconds(self) -> float:
-        return sum(s.seconds for s in (self.sampler, self.drafting) if s is not None)
+        return sum(s.seconds for s in self.used)
 
     def mtp_acceptance(self) -> float | None:
-        drafter = self.drafting.engine.drafter if self.drafting is not None else None
-        return drafter.accepted / drafter.proposed if drafter is not None and drafter.proposed else None
+        drafters = [s.engine.drafter for s in self.used if s.engine.drafter is not None]
+        proposed = sum(d.proposed for d in drafters)
+        return sum(d.accepted for d in drafters) / proposed if proposed else None
 
 
 def _per_problem(examples: Sequence[Example], scores: list[float]) -> dict[str, Any]:
@@ -261,7 +274,7 @@ def _speed(gen: Asker, questions: Sequence[str], seed: int) -> dict[str, Any]:
 def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: int = 8, n: int = 50, *,
              template: str = "auto", temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128,
              difficulty: int | list[int] = 1, seed: int = 0, threshold: float = 0.5, games: int = 20,
-             consistency: bool = True, bpb: bool = True, bpb_texts: Sequence[str] | None = None, batch: int = 64,
+             consistency: bool = True, bpb: bool = True, bpb_texts: Sequence[str] | None = None, batch: int = 256,
              out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint (or a run directory's latest checkpoint) on `tasks`.
 
@@ -382,7 +395,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--games", type=int, default=20, help="games per opponent for game tasks")
     parser.add_argument("--no-bpb", action="store_true", help="skip bits per byte")
     parser.add_argument("--bpb-file", type=Path, help="JSONL with a `text` field to measure bits per byte on")
-    parser.add_argument("--batch", type=int, default=64, help="concurrent sequences in the engine")
+    parser.add_argument("--batch", type=int, default=256, help="concurrent sequences in the engine (default 256)")
     parser.add_argument("--out", type=Path, help="write results.json and samples.jsonl here")
     parser.add_argument("--no-progress", action="store_true")
 
