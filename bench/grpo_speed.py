@@ -64,7 +64,8 @@ def nanoseek_config(args: argparse.Namespace):
     return GRPOConfig(template="r1_zero", tasks={"arithmetic": 1.0}, difficulty=[1], rewards={"language": 1.0},
                       prompts_per_step=args.prompts, num_generations=args.group, max_new_tokens=args.max_new_tokens,
                       temperature=1.0, dynamic_sampling=False, mask_truncated=False, loss_type="dapo", beta=0.0,
-                      mu=1, lr=1e-6, micro_batch=args.prompts * args.group, eval_problems=0, device="cpu", seed=0)
+                      mu=1, lr=1e-6, micro_batch=args.prompts * args.group, eval_problems=0, device="cpu", seed=0,
+                      share_prompt=args.share_prompt)
 
 
 def run_nanoseek(model_dir: Path, args: argparse.Namespace) -> tuple[list[dict[str, float]], float]:
@@ -208,6 +209,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3, help="timed steps each (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--share-prompt", action="store_true", help="nanoseek runs each group's prompt once in the update")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]

@@ -34,7 +34,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,9 @@ class GRPOConfig(TrainConfig):
     beta1: float = 0.9
     beta2: float = 0.99
     micro_batch: int = 32  # sequences per forward/backward
+    # the update runs each group's prompt once for its G completions (same result, fewer tokens; see
+    # `shared_prompt_logps`); micro-batches are then whole groups
+    share_prompt: bool = False
     max_steps: int = 100
     # held-out evaluation
     eval_every: int = 0  # steps between evaluations (0: only before and after training)
@@ -171,15 +174,20 @@ class Batch:
     ids: torch.Tensor  # [N, L] prompt + completion, rows longest first
     mask: torch.Tensor  # [N, L-1] 1 where ids[:, 1:] is a completion token that takes gradient
     advantages: torch.Tensor  # [N]
-    lengths: list[int] = field(default_factory=list)  # real length of each row (non-increasing)
+    lengths: list[int] = field(default_factory=list)  # real length of each row
+    prompt_lens: list[int] = field(default_factory=list)  # prompt tokens of each row
+    group: int = 0  # G when rows come in whole groups sharing one prompt (share_prompt), else 0
     signal: bool = True  # some row takes gradient and its group's rewards differ (else the reward loss is 0)
     old_logps: torch.Tensor | None = None  # [N, L-1] under the sampling policy (μ > 1)
     ref_logps: torch.Tensor | None = None  # [N, L-1] under the reference (β > 0)
 
     def chunks(self, size: int) -> list[tuple[slice, int]]:
-        """Micro-batches of `size` rows and the width each needs: rows are sorted longest first, so a chunk of
-        short completions is not padded to the longest one in the batch (less compute for the same result)."""
-        return [(slice(i, i + size), self.lengths[i]) for i in range(0, len(self.lengths), size)]
+        """Micro-batches of `size` rows (whole groups when rows share prompts) and the width each needs. Rows that
+        stand alone are sorted longest first, so a chunk of short completions is not padded to the longest one in
+        the batch (less compute for the same result)."""
+        if self.group:
+            size = max(1, size // self.group) * self.group
+        return [(slice(i, i + size), max(self.lengths[i:i + size])) for i in range(0, len(self.lengths), size)]
 
 
 def prompt_stream(cfg: GRPOConfig, tokenizer, recipe_seed: int) -> Iterator[Prompt]:
@@ -304,6 +312,65 @@ def completion_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tens
     return logps, logits
 
 
+def ffn(block, x: torch.Tensor) -> torch.Tensor:
+    """A block's feed-forward part on x (its residual input), without the MoE statistics."""
+    h = block.ffn_norm(x)
+    return block.ffn(h)[0] if block.is_moe else block.ffn(h)
+
+
+def shared_prompt_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_lens: Sequence[int],
+                        group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logps` of rows that come in groups of `group` completions of one prompt, with each prompt run
+    once instead of once per completion (the prompt is about half of every row; its keys do not depend on what
+    follows it). Same maths as the plain forward: every completion token sees the prompt's tokens and the
+    completion's own earlier ones, at the same positions; gradients from all G completions meet in the prompt's
+    one forward.
+
+    ids [n, W] rows prompt + completion, right-padded, in groups; mask [n, W-1]; prompt_lens [n]. The prompts are
+    re-laid left-padded ([g, Lp], positions counted from each first real token) and the completions right-padded
+    ([n, Lc], positions continuing their prompt's); layer by layer, the prompts attend to themselves and the
+    completions to their group's prompt keys followed by their own."""
+    n, W = ids.shape
+    device = ids.device
+    lens = torch.tensor(list(prompt_lens), device=device)  # [n]
+    Lp = int(lens.max())
+    cols = torch.arange(Lp, device=device)
+    first = lens[::group]  # [g] each group's prompt length
+    pad = Lp - first  # left padding of each prompt
+    take = (cols[None] - pad[:, None]).clamp(min=0)  # [g, Lp] source column in the group's first row
+    prompts = ids[::group].gather(1, take)
+    prompt_mask = cols[None] >= pad[:, None]  # [g, Lp] real prompt tokens
+    Lc = W - int(lens.min())
+    comp_cols = lens[:, None] + torch.arange(Lc, device=device)[None]  # [n, Lc] source columns (may run past W)
+    completions = ids.gather(1, comp_cols.clamp(max=W - 1))  # past the row's end: padding causality never reads
+    cos_p, sin_p = model.rotary((cols[None] - pad[:, None]).clamp(min=0))
+    cos_c, sin_c = model.rotary(comp_cols)
+    keys_mask = torch.cat([prompt_mask.repeat_interleave(group, 0), torch.ones(n, Lc, dtype=torch.bool,
+                                                                                 device=device)], dim=1)
+    xp, xc = model.embed(prompts), model.embed(completions)
+    for block in model.blocks:
+        attn = block.attn
+        hp, hc = block.attn_norm(xp), block.attn_norm(xc)
+        q_p, q_pe_p = attn.project_q(hp, cos_p, sin_p)
+        c_p, pe_p = attn.project_kv(hp, cos_p, sin_p)
+        q_c, q_pe_c = attn.project_q(hc, cos_c, sin_c)
+        c_c, pe_c = attn.project_kv(hc, cos_c, sin_c)
+        xp = xp + attn.attend(q_p, q_pe_p, c_p, pe_p, 0, prompt_mask)
+        xc = xc + attn.attend(q_c, q_pe_c, torch.cat([c_p.repeat_interleave(group, 0), c_c], dim=1),
+                              torch.cat([pe_p.repeat_interleave(group, 0), pe_c], dim=1), Lp, keys_mask)
+        xp, xc = xp + ffn(block, xp), xc + ffn(block, xc)
+    hp, hc = model.norm(xp), model.norm(xc)
+    # a masked position t of row i predicts ids[i, t+1]: from the prompt's last token (t = len - 1) or from
+    # completion token t - len
+    row, col = mask.bool().nonzero(as_tuple=True)
+    j = col - lens[row]
+    hidden = torch.where((j < 0)[:, None], hp[row // group, -1], hc[row, j.clamp(min=0)])
+    logits = model.head(hidden)
+    logps = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+    logps[row, col] = -F.cross_entropy(logits.float(), ids[row, col + 1], reduction="none")
+    return logps, logits
+
+
 class GRPOStage(Stage):
     """GRPO's step for the post-training loop: a generation batch, its rewards and advantages, and μ optimizer
     steps on the clipped surrogate (none when the batch has no learning signal)."""
@@ -417,9 +484,10 @@ class GRPOStage(Stage):
         flat = [s for g in groups for s in g]
         advantages, zero_std = group_advantages(torch.tensor([x for r in rewards for x in r]),
                                                 cfg.num_generations, cfg.scale_rewards)
-        # advantages are per group; from here on each row stands alone, so rows go longest first (see chunks)
+        # advantages are per group; unless groups share their prompt's forward, each row stands alone from here
+        # on, so rows go longest first (see chunks)
         rows = [s.prompt.ids + s.ids for s in flat]
-        order = sorted(range(len(flat)), key=lambda i: -len(rows[i]))
+        order = list(range(len(flat))) if cfg.share_prompt else sorted(range(len(flat)), key=lambda i: -len(rows[i]))
         flat, rows, advantages, zero_std = [flat[i] for i in order], [rows[i] for i in order], advantages[order], \
             zero_std[order]
         ids = pad_right(rows, self.tok.pad_id)
@@ -431,7 +499,7 @@ class GRPOStage(Stage):
             mask[i, p - 1:p - 1 + len(s.ids)] = 1.0  # position t predicts token t+1
         signal = bool((mask.any(1) & ~zero_std).any())
         return Batch(ids.to(self.device), mask.to(self.device), advantages.to(self.device), [len(r) for r in rows],
-                     signal=signal)
+                     [len(s.prompt.ids) for s in flat], cfg.num_generations if cfg.share_prompt else 0, signal)
 
     # --- 4. reference and old log-probs ----------------------------------------------------------------------
     @torch.no_grad()
@@ -439,8 +507,16 @@ class GRPOStage(Stage):
         """[N, L-1] log-probabilities of the batch's completion tokens under `model` (0 elsewhere)."""
         out = torch.zeros_like(batch.mask)
         for c, width in batch.chunks(self.cfg.micro_batch):
-            out[c, :width - 1] = completion_logps(model, batch.ids[c, :width], batch.mask[c, :width - 1])[0]
+            out[c, :width - 1] = self.score(model, batch, c, width)[0]
         return out
+
+    @staticmethod
+    def score(model: torch.nn.Module, batch: Batch, rows: slice, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`completion_logps` of a micro-batch, its groups' prompts run once when the batch shares them."""
+        ids, mask = batch.ids[rows, :width], batch.mask[rows, :width - 1]
+        if batch.group:
+            return shared_prompt_logps(model, ids, mask, batch.prompt_lens[rows], batch.group)
+        return completion_logps(model, ids, mask)
 
     # --- 5. update -------------------------------------------------------------------------------------------
     def update(self, batch: Batch, optimizer_step: Callable[[], float]) -> dict[str, float]:
@@ -452,8 +528,8 @@ class GRPOStage(Stage):
         grad_norm = 0.0
         for _ in range(cfg.mu):
             for c, width in chunks:
-                ids, mask = batch.ids[c, :width], batch.mask[c, :width - 1]
-                logps, logits = completion_logps(self.model, ids, mask)
+                mask = batch.mask[c, :width - 1]
+                logps, logits = self.score(self.model, batch, c, width)
                 old = None if batch.old_logps is None else batch.old_logps[c, :width - 1]
                 ref = None if batch.ref_logps is None else batch.ref_logps[c, :width - 1]
                 loss, stats = grpo_loss(logps, old, batch.advantages[c], mask, loss_type=cfg.loss_type,

@@ -126,3 +126,32 @@ def test_auto_curriculum_is_measured_once_and_kept(policy_dir, tmp_path):
     (tmp_path / "curriculum.json").write_text(json.dumps(choice))
     again = GRPOStage.load(cfg, str(policy_dir), tmp_path)
     assert again.cfg.tasks == {"logic": 1.0} and again.cfg.difficulty == [2]
+
+
+def test_sharing_each_groups_prompt_gives_the_same_log_probs_and_gradients(policy_dir, tmp_path):
+    """share_prompt runs each group's prompt once for its G completions: the completion log-probabilities and
+    the gradients equal the plain forward's, for prompts and completions of different lengths."""
+    from nanoseek.posttrain.grpo import completion_logps, shared_prompt_logps
+
+    cfg = GRPOConfig(**{**BASE, "mask_truncated": False, "num_generations": 3, "share_prompt": True})
+    stage = GRPOStage.load(cfg, str(policy_dir), tmp_path)
+    tok = stage.tok
+    groups = []
+    for question, lengths in (("What is 2 + 2?", (2, 9, 5)), ("What is 13 + 28 - 5?", (7, 1, 4))):
+        prompt = record_prompt(tok, {"question": question, "answer": "4"}, "r1_zero", "test")
+        groups.append([Sample(prompt, list(range(5, 5 + n)), "x", truncated=False) for n in lengths])
+    batch = stage.make_batch(groups, [[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]])
+    assert batch.group == 3 and len({*batch.prompt_lens}) == 2
+    model = stage.model.train()
+    shared, shared_logits = shared_prompt_logps(model, batch.ids, batch.mask, batch.prompt_lens, 3)
+    (shared * batch.mask).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert grads and batch.mask.sum() > 0
+    model.zero_grad()
+    plain, plain_logits = completion_logps(model, batch.ids, batch.mask)
+    (plain * batch.mask).sum().backward()
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)
