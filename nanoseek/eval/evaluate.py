@@ -405,21 +405,17 @@ def main(args: argparse.Namespace) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     difficulty = args.difficulty[0] if len(args.difficulty) == 1 else args.difficulty
-    try:
-        texts = None
-        if args.bpb_file is not None:
-            texts = []
-            for line, r in read_jsonl(args.bpb_file):
-                if not isinstance(r.get("text"), str):
-                    raise ValueError(f"{args.bpb_file}:{line}: field 'text' must be a string")
-                texts.append(r["text"])
-        result = evaluate(args.model, tasks, args.k, args.n, template=args.template, temperature=args.temperature,
-                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, difficulty=difficulty,
-                          seed=args.seed, threshold=args.threshold, games=args.games, bpb=not args.no_bpb,
-                          bpb_texts=texts, batch=args.batch, out=args.out, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:  # bad input (a task too small for --n, a missing file): one line
-        print(f"nanoseek eval: {e}", file=sys.stderr)
-        return 2
+    texts = None  # bad input (a task too small for --n, a missing file) raises: the command line prints one line
+    if args.bpb_file is not None:
+        texts = []
+        for line, r in read_jsonl(args.bpb_file):
+            if not isinstance(r.get("text"), str):
+                raise ValueError(f"{args.bpb_file}:{line}: field 'text' must be a string")
+            texts.append(r["text"])
+    result = evaluate(args.model, tasks, args.k, args.n, template=args.template, temperature=args.temperature,
+                      top_p=args.top_p, max_new_tokens=args.max_new_tokens, difficulty=difficulty, seed=args.seed,
+                      threshold=args.threshold, games=args.games, bpb=not args.no_bpb, bpb_texts=texts,
+                      batch=args.batch, out=args.out, progress=not args.no_progress)
     print(f"{result['checkpoint']} ({result['template']} template, k={args.k})")
     print(format_table(result))
     if args.out is not None:

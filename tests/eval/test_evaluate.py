@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from nanoseek.cli import main as cli
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.eval.evaluate import Asker, _choice_task, add_arguments, evaluate, main, resolve_template
 from nanoseek.eval.tasks import LETTERS, choice_prompt, load_task
@@ -161,10 +162,7 @@ def test_paired_models_see_the_same_problems_and_too_few_problems_fail_in_one_li
                  progress=False)
     assert a["tasks"]["logic"]["per_problem"]["ids"] == b["tasks"]["logic"]["per_problem"]["ids"]
     assert "consistency" not in a["tasks"]["logic"] and "consistency" in b["tasks"]["logic"]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--model", str(checkpoint), "--tasks", "arithmetic", "--difficulty", "1", "--n",
-                              "100000", "--no-progress"])
-    assert main(args) == 2
+    assert cli(["eval", "--model", str(checkpoint), "--tasks", "arithmetic", "--difficulty", "1", "--n", "100000",
+                "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("nanoseek eval: arithmetic: only ") and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("nanoseek eval: error: arithmetic: only ") and "Traceback" not in err

@@ -42,10 +42,10 @@ def broken(model_dir, tmp_path):
     return make
 
 
-def one_error_line(capsys, command: str, prefix: str = "error: ") -> str:
+def one_error_line(capsys, command: str) -> str:
     err = capsys.readouterr().err
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"nanoseek {command}: {prefix}"), err
+    assert len(lines) == 1 and lines[0].startswith(f"nanoseek {command}: error: "), err
     return lines[0]
 
 
@@ -58,10 +58,9 @@ def test_a_missing_model_is_one_line(command, tmp_path, capsys):
 
 
 def test_eval_reports_a_missing_model_in_one_line(tmp_path, capsys):
-    """`nanoseek eval` prints its own line (without "error:"), before the command line's handler sees it."""
     missing = tmp_path / "no-such-run"
     assert cli(["eval", "--model", str(missing), "--tasks", "arithmetic"]) == 2
-    assert f"{missing}: no such checkpoint" in one_error_line(capsys, "eval", prefix="")
+    assert f"{missing}: no such checkpoint" in one_error_line(capsys, "eval")
 
 
 def test_a_missing_recipe_is_one_line(tmp_path, capsys):
