@@ -42,10 +42,14 @@ class Block(nn.Module):
                 start: int = 0, key_mask: torch.Tensor | None = None, stats: bool = False
                 ) -> tuple[torch.Tensor, dict | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, start, key_mask)
-        if not self.is_moe:
-            return x + self.ffn(self.ffn_norm(x)), None
-        y, aux = self.ffn(self.ffn_norm(x), stats)
+        y, aux = self.feed_forward(x, stats)
         return x + y, aux
+
+    def feed_forward(self, x: torch.Tensor, stats: bool = False) -> tuple[torch.Tensor, dict | None]:
+        """The FFN half on x [B, T, D] (before its residual add), and the MoE's statistics when asked for."""
+        if not self.is_moe:
+            return self.ffn(self.ffn_norm(x)), None
+        return self.ffn(self.ffn_norm(x), stats)
 
 
 class Transformer(nn.Module):

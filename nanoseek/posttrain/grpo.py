@@ -312,12 +312,6 @@ def completion_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tens
     return logps, logits
 
 
-def ffn(block, x: torch.Tensor) -> torch.Tensor:
-    """A block's feed-forward part on x (its residual input), without the MoE statistics."""
-    h = block.ffn_norm(x)
-    return block.ffn(h)[0] if block.is_moe else block.ffn(h)
-
-
 def shared_prompt_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_lens: Sequence[int],
                         group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`completion_logps` of rows that come in groups of `group` completions of one prompt, with each prompt run
@@ -358,7 +352,7 @@ def shared_prompt_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.T
         xp = xp + attn.attend(q_p, q_pe_p, c_p, pe_p, 0, prompt_mask)
         xc = xc + attn.attend(q_c, q_pe_c, torch.cat([c_p.repeat_interleave(group, 0), c_c], dim=1),
                               torch.cat([pe_p.repeat_interleave(group, 0), pe_c], dim=1), Lp, keys_mask)
-        xp, xc = xp + ffn(block, xp), xc + ffn(block, xc)
+        xp, xc = xp + block.feed_forward(xp)[0], xc + block.feed_forward(xc)[0]
     hp, hc = model.norm(xp), model.norm(xc)
     # a masked position t of row i predicts ids[i, t+1]: from the prompt's last token (t = len - 1) or from
     # completion token t - len

@@ -15,7 +15,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.infer.engine import Engine, TextStream
 from nanoseek.infer.sampling import RowParams, SamplingParams
 from nanoseek.infer.serve.app import Limits, create_app
@@ -28,19 +27,6 @@ HI = [{"role": "user", "content": "hi"}]
 CHAT, COMPLETIONS, FEEDBACK = "/v1/chat/completions", "/v1/completions", "/v1/feedback"
 MINIMAL = {CHAT: {"messages": HI}, COMPLETIONS: {"prompt": "hi"}}
 BODY_LIMIT = 64 * 1024
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(["Hello there, how are you today?", "The answer is 42.", "say hello to people"] * 10, 320)
 
 
 @pytest.fixture(scope="module")
