@@ -177,7 +177,7 @@ def test_bodies_over_the_limit_get_413(live):
     r = post(live, CHAT, big)  # refused by its Content-Length
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     chunks = (b"x" * 4096 for _ in range(BODY_LIMIT // 4096 + 2))  # chunked: no length, refused while reading
-    r = httpx.post(live.url + COMPLETIONS, content=chunks, timeout=30)
+    r = httpx.post(live.url + COMPLETIONS, content=chunks, timeout=30, headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert health(live)["status"] == "ok"
 

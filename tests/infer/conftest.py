@@ -30,11 +30,14 @@ def tokenizer():
 
 
 def train_chat_model(tok, steps: int = 150):
-    """A debug model that learned REPLY after every QUESTION (with its MTP module, so drafts get accepted)."""
+    """A debug model that learned REPLY after every QUESTION, as a first turn and after one earlier exchange (with
+    its MTP module, so drafts get accepted). Untrained second turns come out as whatever the machine's float
+    rounding favours: a test of them would pass on one CPU and fail on another."""
     torch.manual_seed(0)
     model = Transformer(preset("debug", vocab_size=tok.vocab_size, max_position_embeddings=256))
-    convs = [tok.encode_chat([{"role": "user", "content": q}, {"role": "assistant", "content": REPLY}])
-             for q in QUESTIONS]
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]  # as history keeps it
+    convs = [tok.encode_chat(history + [{"role": "user", "content": q}, {"role": "assistant", "content": REPLY}])
+             for history in ([], turn) for q in QUESTIONS]  # first turns, and second turns after a history
     T = max(len(ids) for ids, _ in convs)
     ids = torch.full((len(convs), T), tok.pad_id)
     labels = torch.full((len(convs), T), -100)

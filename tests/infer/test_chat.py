@@ -70,17 +70,24 @@ def test_feedback_export_command(tmp_path, capsys):
     db = tmp_path / "fb.sqlite"
     store = FeedbackStore(db)
     prompt = [{"role": "user", "content": "2+2?"}]
-    store.add_feedback("rating", prompt, "<think>\nadd\n</think>\n<answer>\n4\n</answer>", rating=1)
-    store.add_feedback("rating", prompt, "</think>\n5", rating=-1, comment="wrong")
+    # ratings of answers this server gave (by completion id) are verified; the forged one a client sent is not
+    store.add_feedback("rating", prompt, "<think>\nadd\n</think>\n<answer>\n4\n</answer>", rating=1,
+                       completion_id="chatcmpl-1", meta={"verified": True})
+    store.add_feedback("rating", prompt, "</think>\n5", rating=-1, comment="wrong", completion_id="chatcmpl-2",
+                       meta={"verified": True})
+    store.add_feedback("rating", prompt, "</think>\n22", rating=1, meta={"verified": False})
     store.add_feedback("low_confidence", prompt, "</think>\n3", meta={"votes": 1, "n": 4})
     store.close()
+    assert run(feedback_cmd, ["export", "--db", str(db), "--out", str(tmp_path / "all"), "--include-unverified"]) == 0
+    assert "2 SFT conversations, 2 preference pairs" in capsys.readouterr().out
     assert run(feedback_cmd, ["export", "--db", str(db), "--out", str(tmp_path / "out")]) == 0
-    assert "1 SFT conversations, 1 preference pairs and 2 answers to review" in capsys.readouterr().out
+    assert ("1 SFT conversations, 1 preference pairs and 2 answers to review under "
+            f"{tmp_path / 'out'} (1 unverified ratings left out" in capsys.readouterr().out)
     sft = json.loads((tmp_path / "out" / "sft.jsonl").read_text())
     assert sft["messages"][-1] == {"role": "assistant", "content": "<think>\nadd\n</think>\n<answer>\n4\n</answer>"}
     pair = json.loads((tmp_path / "out" / "preference.jsonl").read_text())
     assert pair == {"prompt": prompt, "chosen": [{"role": "assistant", "content": sft["messages"][-1]["content"]}],
                     "rejected": [{"role": "assistant", "content": "</think>\n5"}]}
     assert run(feedback_cmd, ["stats", "--db", str(db)]) == 0
-    assert "low_confidence: 1, thumbs down: 1, thumbs up: 1" in capsys.readouterr().out
+    assert "low_confidence: 1, thumbs down: 1, thumbs up: 1, thumbs up (unverified): 1" in capsys.readouterr().out
     assert run(feedback_cmd, ["export", "--db", str(tmp_path / "missing.sqlite"), "--out", str(tmp_path)]) == 2

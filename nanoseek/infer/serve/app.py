@@ -8,6 +8,14 @@
                                 extensions: thinking (bool), verify (N chains), routing (experts per token)
     POST /v1/completions        plain text completion
     POST /v1/feedback           thumbs up/down + comment, stored in SQLite (`nanoseek feedback export`)
+    POST /v1/moderations        OpenAI's moderation API over the curation classifiers (toxicity, PII)
+    POST /admin/reload          serve another checkpoint ({"model": PATH}; needs --api-key)
+
+Moderation (`--moderation flag|block|off`, default flag) screens each prompt's last user turn and each answer:
+flag serves and records the event in the feedback store; block answers a flagged prompt or answer with an
+OpenAI-style refusal (HTTP 200, `finish_reason: "content_filter"`) and redacts PII from answers. Access
+(`Access`): with --api-key every /v1/* and /admin/* route needs `Authorization: Bearer KEY` (401); POST bodies
+must be application/json (415) and come from the server's own page or an --allowed-origins origin (403).
 
 Concurrent requests share forward passes (continuous batching, `worker.EngineWorker`). Limits: body size (413),
 prompt length, max_tokens cap, n <= the engine's batch, a bounded queue (429 when full, 503 when the engine died).
@@ -20,15 +28,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
+import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,8 +47,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoseek.data.curate.pii import redact
 from nanoseek.infer.engine import Backend, TokenEvent
 from nanoseek.infer.engine import Request as EngineRequest
+from nanoseek.infer.moderation import MODES, Moderator
 from nanoseek.infer.reasoning import ReasoningSplitter, split_reasoning
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.serve.feedback import FeedbackStore
@@ -46,6 +59,8 @@ from nanoseek.infer.serve.protocol import (
     ChatRequest,
     CompletionRequest,
     FeedbackRequest,
+    ModerationRequest,
+    ReloadRequest,
     SamplingFields,
     validation_message,
 )
@@ -62,7 +77,62 @@ class Limits:
     verify_threshold: float = 0.5
 
 
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming call checks that its client is still there
+@dataclass
+class Access:
+    """Who may call. With an API key every /v1/* and /admin/* route needs `Authorization: Bearer KEY` (401
+    otherwise, as OpenAI and vLLM answer); admin routes exist only on a server that has a key. Write routes
+    (POST) take only `application/json` bodies (415 otherwise): a form or `text/plain` POST, which any web page
+    may send to any server without a CORS preflight, cannot write a rating. A POST that carries an `Origin`
+    header (browsers send one) must come from the server's own page or from an origin in `allowed_origins`
+    ("*": any)."""
+
+    api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+
+    def check(self, request: Request) -> ApiError | None:
+        path = request.url.path
+        if path.startswith("/admin/") and not self.api_key:
+            return ApiError("admin routes need a server started with --api-key (or NANOSEEK_API_KEY)", status=403,
+                            kind="permission_error", code="admin_disabled")
+        if self.api_key and path.startswith(("/v1/", "/admin/")):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                return ApiError("missing or incorrect API key: send the header Authorization: Bearer KEY",
+                                status=401, code="invalid_api_key")
+        if request.method == "POST":
+            media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != "application/json":
+                return ApiError(f"request bodies must be application/json, not {media or 'untyped'}", status=415,
+                                code="unsupported_media_type")
+            origin = request.headers.get("origin")
+            if origin is not None and not self.origin_allowed(origin, request.headers.get("host", "")):
+                return ApiError(f"requests from the web origin {origin!r} are not allowed (start the server with "
+                                f"--allowed-origins {origin} to allow them)", status=403, kind="permission_error",
+                                code="origin_not_allowed")
+        return None
+
+    def origin_allowed(self, origin: str, host: str) -> bool:
+        return urlsplit(origin).netloc == host or origin in self.allowed_origins or "*" in self.allowed_origins
+
+
+class Guard:
+    """ASGI middleware answering what `Access` refuses before any route runs. Plain ASGI, not Starlette's
+    BaseHTTPMiddleware, which would hide a client's disconnect from the routes that watch for it."""
+
+    def __init__(self, app, access: Access):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refused = self.access.check(Request(scope))
+            if refused is not None:
+                await JSONResponse(refused.body(), status_code=refused.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+DISCONNECT_POLL_S = 0.25
+REFUSAL = "I can't help with that."  # what a blocked prompt or answer gets (`finish_reason: "content_filter"`)  # how often a non-streaming call checks that its client is still there
 
 
 def _sse(data: dict | str) -> str:
@@ -85,11 +155,42 @@ async def _with_error_event(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
 class Server:
     """The routes' shared state: backend + worker thread, limits, feedback store."""
 
-    def __init__(self, backend: Backend, model_name: str, limits: Limits, feedback: FeedbackStore | None):
+    def __init__(self, backend: Backend, model_name: str, limits: Limits, feedback: FeedbackStore | None,
+                 moderation: str = "flag", loader: Callable[[str | None], Backend] | None = None):
+        if moderation not in MODES:
+            raise ValueError(f"--moderation {moderation!r}: expected one of {', '.join(MODES)}")
         self.backend, self.tokenizer, self.model_name = backend, backend.tokenizer, model_name
-        self.limits, self.feedback = limits, feedback
+        self.limits, self.feedback, self.moderation = limits, feedback, moderation
+        self.moderator = Moderator()
         self.worker = EngineWorker(backend, limits.max_queue)
+        self.retiring: list[EngineWorker] = []  # replaced by a reload, finishing the requests they hold
+        self.loader = loader
         self.created = int(time.time())
+
+    # --- moderation -------------------------------------------------------------------------------
+    async def screen(self, stage: str, messages: list[dict], text: str) -> dict | None:
+        """With moderation on: the moderation result of a prompt or completion text when it is flagged (or holds
+        PII), recorded in the feedback store with the action taken; None when it is clean. Scored off the event
+        loop (a long text takes the classifier a while)."""
+        if self.moderation == "off" or not text:
+            return None
+        result = await asyncio.to_thread(self.moderator, text)
+        if not (result["flagged"] or result["categories"]["pii"]):
+            return None
+        action = "block" if self.moderation == "block" and result["flagged"] else "flag"
+        if self.feedback is not None:
+            self.feedback.add_feedback("moderation", messages, text if stage == "completion" else "",
+                                       meta={"stage": stage, "action": action, **result})
+        return result
+
+    def blocks(self, result: dict | None) -> bool:
+        return self.moderation == "block" and result is not None and result["flagged"]
+
+    def clean(self, text: str, result: dict | None) -> str:
+        """A completion as served: PII redacted when the server blocks and the text holds some."""
+        if self.moderation == "block" and result is not None and result["categories"]["pii"]:
+            return redact(text)[0]
+        return text
 
     # --- request checking ------------------------------------------------------------------------
     async def parse(self, request: Request, model: type[BaseModel]):
@@ -174,7 +275,8 @@ class Server:
             if watcher is not None:
                 watcher.cancel()
             if not done:
-                self.worker.cancel(requests)
+                for worker in (self.worker, *self.retiring):  # whichever holds them (a reload may have come)
+                    worker.cancel(requests)
 
     @staticmethod
     async def watch(client: Request, queue: asyncio.Queue) -> None:
@@ -201,6 +303,9 @@ class Server:
                              "verify" if req.verify else "n")
         engine_req = EngineRequest(prompt, params, routing=req.routing)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        if self.blocks(await self.screen("prompt", messages, last_user)):
+            return self.refusal(cid, n, req.stream)
         queue = self.submit([engine_req])  # before any response byte: a full queue is a 429, not a broken stream
         if req.stream:
             return StreamingResponse(_with_error_event(self.chat_stream(req, engine_req, queue, cid, messages)),
@@ -232,6 +337,11 @@ class Server:
         else:
             choices = []
             for i in range(n):
+                verdict = await self.screen("completion", messages, raw[i])
+                if self.blocks(verdict):
+                    choices.append(self.refused_choice(i))
+                    continue
+                raw[i] = self.clean(raw[i], verdict)
                 reasoning, content = split_reasoning(raw[i], thinking=False)
                 choice = {"index": i, "finish_reason": reasons[i], "logprobs": None,
                           "message": {"role": "assistant", "content": content, "reasoning_content": reasoning}}
@@ -256,26 +366,77 @@ class Server:
 
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
+        # block: a sample's text is held back and screened at every line end and at its end, so nothing the
+        # filter would withhold is ever sent (streaming moves a line at a time); flag: screened at the end
+        block = self.moderation == "block"
+        held, held_routes, filtered = [""] * n, [[] for _ in range(n)], set()
         async for ev in self.events(queue, [engine_req]):
-            raw[ev.index] += ev.text
+            i = ev.index
+            if i in filtered:
+                continue
+            raw[i] += ev.text
             tokens += ev.token is not None
-            reasoning, content = splitters[ev.index].feed(ev.text)
+            routes = [self.route_entry(ev)] if req.routing and ev.token is not None else []
+            text = ev.text
+            if block:
+                held[i] += ev.text
+                held_routes[i] += routes
+                if "\n" not in ev.text and not ev.finish_reason:
+                    continue
+                if self.blocks(await self.screen("completion", messages, raw[i])):
+                    filtered.add(i)
+                    yield chunk(i, {"refusal": REFUSAL})
+                    yield chunk(i, {}, "content_filter")
+                    if len(filtered) == n:
+                        break  # the request is aborted when this loop stops
+                    continue
+                text, held[i], routes, held_routes[i] = held[i], "", held_routes[i], []
+            elif ev.finish_reason:
+                await self.screen("completion", messages, raw[i])
+            reasoning, content = splitters[i].feed(text)
             if ev.finish_reason:
-                r2, c2 = splitters[ev.index].flush()
+                r2, c2 = splitters[i].flush()
                 reasoning, content = reasoning + r2, content + c2
             delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
-            extra = {"routing": self.route_entry(ev)} if req.routing and ev.token is not None else {}
-            if delta or extra:
-                yield chunk(ev.index, delta, **extra)
+            if delta or routes:
+                yield chunk(i, delta, **({"routing": routes[0]} if routes else {}))
+            for route in routes[1:]:
+                yield chunk(i, {}, routing=route)
             if ev.finish_reason:
-                yield chunk(ev.index, {}, ev.finish_reason)
-                self.remember(cid, ev.index, messages, raw[ev.index])
+                yield chunk(i, {}, ev.finish_reason)
+                self.remember(cid, i, messages, raw[i])
         if req.stream_options is not None and req.stream_options.include_usage:
             prompt_tokens = len(engine_req.prompt)
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
                                                  "total_tokens": prompt_tokens + tokens}})
         yield _sse("[DONE]")
+
+    @staticmethod
+    def refused_choice(index: int) -> dict:
+        """OpenAI's shape for an answer the content filter withheld."""
+        return {"index": index, "finish_reason": "content_filter", "logprobs": None,
+                "message": {"role": "assistant", "content": None, "refusal": REFUSAL, "reasoning_content": ""}}
+
+    def refusal(self, cid: str, n: int, stream: bool):
+        """The whole answer to a blocked prompt: HTTP 200, every choice finished by the content filter."""
+        created = int(time.time())
+        if not stream:
+            return JSONResponse({"id": cid, "object": "chat.completion", "created": created,
+                                 "model": self.model_name, "choices": [self.refused_choice(i) for i in range(n)],
+                                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})
+
+        def chunk(i: int, delta: dict, finish: str | None = None) -> str:
+            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                         "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+        async def events() -> AsyncIterator[str]:
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "refusal": REFUSAL})
+                yield chunk(i, {}, "content_filter")
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     def route_entry(self, ev: TokenEvent) -> dict:
         return {"token": self.tokenizer.decode([ev.token]), "experts": ev.experts}
@@ -303,6 +464,14 @@ class Server:
         reqs = [EngineRequest(p, self.params(req, len(p), req.max_tokens, req.n)) for p in prompts]
         order = {r.id: k for k, r in enumerate(reqs)}
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        for text in texts:
+            if self.blocks(await self.screen("prompt", [{"role": "user", "content": text}], text)):
+                total = len(prompts) * req.n
+                return JSONResponse({"id": cid, "object": "text_completion", "created": created,
+                                     "model": self.model_name, "usage": {"prompt_tokens": 0, "completion_tokens": 0,
+                                                                         "total_tokens": 0},
+                                     "choices": [{"index": i, "text": "", "finish_reason": "content_filter",
+                                                  "logprobs": None} for i in range(total)]})
 
         def index(ev: TokenEvent) -> int:
             return order[ev.request_id] * req.n + ev.index
@@ -316,9 +485,25 @@ class Server:
                                  "model": self.model_name,
                                  "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}]})
 
+                # as in chat: block holds each sample's text back until it is screened at a line end or its end
+                total = len(prompts) * req.n
+                text, held, withheld = [""] * total, [""] * total, set()
                 async for ev in self.events(queue, reqs):
-                    if ev.text or ev.finish_reason:
-                        yield chunk(index(ev), ev.text, ev.finish_reason)
+                    i = index(ev)
+                    if i in withheld:
+                        continue
+                    text[i] += ev.text
+                    held[i] += ev.text
+                    if self.moderation == "block" and "\n" not in ev.text and not ev.finish_reason:
+                        continue
+                    if ev.finish_reason or self.moderation == "block":
+                        if self.blocks(await self.screen("completion", [], text[i])):
+                            withheld.add(i)
+                            yield chunk(i, "", "content_filter")
+                            continue
+                    if held[i] or ev.finish_reason:
+                        yield chunk(i, held[i], ev.finish_reason)
+                    held[i] = ""
                 yield _sse("[DONE]")
 
             return StreamingResponse(_with_error_event(stream()), media_type="text/event-stream")
@@ -330,12 +515,53 @@ class Server:
             if ev.finish_reason:
                 reasons[index(ev)] = ev.finish_reason
         prompt_tokens = sum(len(p) for p in prompts)
+        for i in range(total):
+            verdict = await self.screen("completion", [], outputs[i])
+            if self.blocks(verdict):
+                outputs[i], reasons[i] = "", "content_filter"
+            else:
+                outputs[i] = self.clean(outputs[i], verdict)
         return JSONResponse({
             "id": cid, "object": "text_completion", "created": created, "model": self.model_name,
             "choices": [{"index": i, "text": outputs[i], "finish_reason": reasons[i], "logprobs": None}
                         for i in range(total)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": counts,
                       "total_tokens": prompt_tokens + counts}})
+
+    # --- /v1/moderations ------------------------------------------------------------------------
+    async def moderations(self, request: Request):
+        """OpenAI's moderation endpoint: `input` a string or a list of strings; one result per string."""
+        req: ModerationRequest = await self.parse(request, ModerationRequest)
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        results = await asyncio.to_thread(lambda: [self.moderator(t) for t in texts])
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": "nanoseek-moderation", "results": results}
+
+    # --- /admin/reload --------------------------------------------------------------------------
+    async def reload(self, request: Request):
+        """Serve another checkpoint (`{"model": PATH}`; default: the --model path again, whose latest checkpoint
+        may be new). New requests go to the new model at once; requests already running finish on the old one,
+        whose worker stops when they are done."""
+        if self.loader is None:
+            raise ApiError("this server was not started with a checkpoint path to reload", status=404,
+                           kind="not_found")
+        req: ReloadRequest = await self.parse(request, ReloadRequest)
+        try:
+            backend = await asyncio.to_thread(self.loader, req.model)
+        except (OSError, ValueError) as e:
+            raise ApiError(f"cannot load {req.model or 'the model'}: {e}", "model") from None
+        worker = EngineWorker(backend, self.limits.max_queue)
+        worker.start()
+        old, self.worker = self.worker, worker
+        self.backend, self.tokenizer = backend, backend.tokenizer
+        self.retiring.append(old)
+        asyncio.get_running_loop().create_task(self.retire(old))
+        return {"object": "reload", "model": self.model_name, "path": req.model or "(the --model path)"}
+
+    async def retire(self, worker: EngineWorker) -> None:
+        while worker.load and worker.error is None:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(worker.stop)
+        self.retiring.remove(worker)
 
     # --- /v1/feedback ---------------------------------------------------------------------------
     async def add_feedback(self, request: Request):
@@ -352,25 +578,34 @@ class Server:
             messages, completion = [{"role": m.role, "content": m.text()} for m in req.messages], req.response
         else:
             raise ApiError("give completion_id, or messages and response", "completion_id")
+        # a rating of an answer this server gave is verified; one of a conversation the client sends could say
+        # anything, so the export leaves it out unless asked (--include-unverified)
+        verified = req.completion_id is not None
         fid = self.feedback.add_feedback("rating", messages, completion, req.rating, req.comment,
-                                         req.completion_id)
-        return {"id": fid, "object": "feedback"}
+                                         req.completion_id, meta={"verified": verified})
+        return {"id": fid, "object": "feedback", "verified": verified}
 
 
 def create_app(backend: Backend, model_name: str = "nanoseek", limits: Limits | None = None,
-               feedback: FeedbackStore | None = None) -> FastAPI:
-    """The FastAPI app around a backend (its worker thread starts and stops with the app)."""
-    server = Server(backend, model_name, limits or Limits(), feedback)
+               feedback: FeedbackStore | None = None, access: Access | None = None,
+               moderation: str = "flag", loader: Callable[[str | None], Backend] | None = None) -> FastAPI:
+    """The FastAPI app around a backend (its worker thread starts and stops with the app). `loader(path)` builds
+    the backend of another checkpoint for /admin/reload (path None: the one served at start, reread)."""
+    server = Server(backend, model_name, limits or Limits(), feedback, moderation, loader)
+    access = access or Access()
     page = resources.files("nanoseek.infer.serve").joinpath("index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         server.worker.start()
         yield
-        server.worker.stop()
+        for worker in (server.worker, *server.retiring):
+            worker.stop()
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+
+    app.add_middleware(Guard, access=access)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError):
@@ -401,17 +636,19 @@ def create_app(backend: Backend, model_name: str = "nanoseek", limits: Limits | 
         worker = server.worker
         if worker.error is not None or not worker.thread.is_alive():
             return JSONResponse({"status": "error", "error": repr(worker.error)}, status_code=503)
-        return {"status": "ok", "model": model_name, "load": worker.load, "max_batch": backend.max_batch,
+        return {"status": "ok", "model": model_name, "load": worker.load, "max_batch": server.backend.max_batch,
                 "cancelled": worker.cancelled}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
-                                            "owned_by": "nanoseek", "max_model_len": backend.max_len}]}
+                                            "owned_by": "nanoseek", "max_model_len": server.backend.max_len}]}
 
     app.post("/v1/chat/completions")(server.chat)
     app.post("/v1/completions")(server.completions)
     app.post("/v1/feedback")(server.add_feedback)
+    app.post("/v1/moderations")(server.moderations)
+    app.post("/admin/reload")(server.reload)
     return app
 
 
@@ -431,6 +668,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "it is not sure")
     parser.add_argument("--feedback-db", default="nanoseek-feedback.sqlite", help="SQLite file ('' disables)")
     parser.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    parser.add_argument("--moderation", choices=MODES, default="flag", help="screen prompts and answers for "
+                        "toxicity and PII: flag (serve and record in the feedback store), block (refuse with "
+                        "finish_reason content_filter, redact PII from answers) or off")
+    parser.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
+                        help="require `Authorization: Bearer KEY` on /v1/* and /admin/* (default: $NANOSEEK_API_KEY)")
+    parser.add_argument("--allowed-origins", default="", help="comma-separated web origins, besides the server's "
+                        "own page, that may POST (e.g. http://localhost:3000; '*' for any)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -438,7 +682,11 @@ def main(args: argparse.Namespace) -> int:
 
     from nanoseek.infer.engine import load_engine
 
-    engine = load_engine(args.model, max_batch=args.max_batch, max_len=args.max_len, speculative=args.speculative)
+    def loader(path: str | None = None):
+        return load_engine(path or args.model, max_batch=args.max_batch, max_len=args.max_len,
+                           speculative=args.speculative)
+
+    engine = loader()
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens or engine.max_len - 1,
                     max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
                     verify_threshold=args.verify_threshold)
@@ -446,5 +694,7 @@ def main(args: argparse.Namespace) -> int:
     name = args.name or Path(args.model).resolve().name
     print(f"nanoseek serve: {name} on http://{args.host}:{args.port}/ (feedback: {args.feedback_db or 'off'})",
           file=sys.stderr)
-    uvicorn.run(create_app(engine, name, limits, feedback), host=args.host, port=args.port, log_level="info")
+    access = Access(args.api_key or None, tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))
+    app = create_app(engine, name, limits, feedback, access, args.moderation, loader)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

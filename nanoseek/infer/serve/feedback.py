@@ -2,8 +2,9 @@
 loop was unsure of, in one SQLite file — the raw material of the next training round.
 
     completions  every answer the server gave (conversation, raw completion with its reasoning tags)
-    feedback     thumbs up/down + comment on a completion (or on a conversation a client sends along), and
-                 automatic "low_confidence" entries from the verification loop
+    feedback     thumbs up/down + comment on a completion this server gave (verified) or on a conversation a
+                 client sends along (unverified: exported only with --include-unverified), automatic
+                 "low_confidence" entries from the verification loop, and moderation events
 
 `nanoseek feedback export --db FILE --out DIR` writes
     sft.jsonl         conversations with a thumbs-up answer:   {"messages": [..., assistant]}
@@ -84,8 +85,15 @@ class FeedbackStore:
         return out
 
 
-def export(db: str | Path, out_dir: str | Path) -> dict[str, int]:
-    """Write sft.jsonl, preference.jsonl and review.jsonl (see the module docstring); returns record counts."""
+def verified(row: dict) -> bool:
+    """A rating of an answer this server gave (by its completion_id). Ratings of conversations a client sent
+    along are unverified: anyone could send any "answer" with a thumbs-up."""
+    return bool(row["meta"].get("verified", row["completion_id"] is not None))
+
+
+def export(db: str | Path, out_dir: str | Path, include_unverified: bool = False) -> dict[str, int]:
+    """Write sft.jsonl, preference.jsonl and review.jsonl (see the module docstring); returns record counts.
+    Unverified ratings go to sft / preference only with `include_unverified`; they are counted either way."""
     if not Path(db).exists():
         raise FileNotFoundError(f"{db}: no feedback database")
     store = FeedbackStore(db)
@@ -97,7 +105,11 @@ def export(db: str | Path, out_dir: str | Path) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     sft, review = [], []
     by_prompt: dict[str, dict[int, list[str]]] = defaultdict(lambda: {1: [], -1: []})
+    skipped = 0
     for r in rows:
+        if r["kind"] == "rating" and not include_unverified and not verified(r):
+            skipped += 1
+            continue
         turn = {"role": "assistant", "content": r["completion"]}
         if r["kind"] == "rating" and r["rating"] == 1:
             sft.append({"messages": r["messages"] + [turn]})
@@ -114,7 +126,7 @@ def export(db: str | Path, out_dir: str | Path) -> dict[str, int]:
     write_jsonl(out / "sft.jsonl", sft)
     write_jsonl(out / "preference.jsonl", preference)
     write_jsonl(out / "review.jsonl", review)
-    return {"sft": len(sft), "preference": len(preference), "review": len(review)}
+    return {"sft": len(sft), "preference": len(preference), "review": len(review), "unverified_skipped": skipped}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     exp = sub.add_parser("export", help="write sft.jsonl, preference.jsonl and review.jsonl")
     exp.add_argument("--db", required=True, help="the server's feedback database (serve --feedback-db)")
     exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--include-unverified", action="store_true", help="also export ratings of conversations "
+                     "that clients sent along (not answers this server gave)")
     stats = sub.add_parser("stats", help="count the feedback by kind and rating")
     stats.add_argument("--db", required=True)
 
@@ -129,9 +143,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         if args.action == "export":
-            counts = export(args.db, args.out)
+            counts = export(args.db, args.out, args.include_unverified)
             print(f"wrote {counts['sft']} SFT conversations, {counts['preference']} preference pairs and "
-                  f"{counts['review']} answers to review under {args.out}")
+                  f"{counts['review']} answers to review under {args.out}"
+                  + (f" ({counts['unverified_skipped']} unverified ratings left out; --include-unverified adds "
+                     f"them)" if counts["unverified_skipped"] else ""))
             return 0
         if not Path(args.db).exists():
             raise FileNotFoundError(f"{args.db}: no feedback database")
@@ -140,7 +156,8 @@ def main(args: argparse.Namespace) -> int:
         store.close()
         counts: dict[str, int] = defaultdict(int)
         for r in rows:
-            counts[r["kind"] if r["kind"] != "rating" else ("thumbs up" if r["rating"] == 1 else "thumbs down")] += 1
+            kind = r["kind"] if r["kind"] != "rating" else ("thumbs up" if r["rating"] == 1 else "thumbs down")
+            counts[kind if r["kind"] != "rating" or verified(r) else f"{kind} (unverified)"] += 1
         print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no feedback yet")
         return 0
     except FileNotFoundError as e:

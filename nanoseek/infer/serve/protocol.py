@@ -23,7 +23,9 @@ they fit the engine's tensors, strings where their length costs the engine time.
     thinking                              a boolean or null
     verify                                0 .. 128 chains, and at most the server's batch
     model                                 any string (a server serves one model)
-    feedback: rating -1 | 1, choice 0 .. 127, comment up to 4000 characters
+    moderations: input a string or 1 .. 128 strings
+    feedback: rating -1 | 1, choice 0 .. 127, comment up to 4000 characters, completion_id up to 64;
+              messages up to 64 turns and response up to 32,000 characters (the turns together too)
     the whole body                        the server's --max-body-bytes (1 MiB by default), else 413; a prompt
                                           longer than the server's --max-prompt-tokens is a 400
 """
@@ -37,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_SAMPLES = 128  # n, verify (a server's batch is usually smaller and is checked too); feedback choice < this
 MAX_INT = 2**31 - 1  # max_tokens, top_k
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
+FEEDBACK_MAX_MESSAGES, FEEDBACK_MAX_CHARS = 64, 32_000  # a conversation sent with a rating: turns, characters
 
 
 class ApiError(Exception):
@@ -133,11 +136,37 @@ class CompletionRequest(SamplingFields):
 
 class FeedbackRequest(_Strict):
     rating: Literal[-1, 1]  # thumbs down / up
-    completion_id: str | None = None  # an answer this server gave (preferred: the server knows what it said)
+    completion_id: str | None = Field(default=None, max_length=64)  # an answer this server gave (preferred)
     choice: int = Field(default=0, ge=0, lt=MAX_SAMPLES)
-    messages: list[Message] | None = None  # or: the conversation and the answer as the client saw them
-    response: str | None = None
+    # or: the conversation and the answer as the client saw them (stored as unverified: the server cannot
+    # vouch that it said them)
+    messages: list[Message] | None = Field(default=None, max_length=FEEDBACK_MAX_MESSAGES)
+    response: str | None = Field(default=None, max_length=FEEDBACK_MAX_CHARS)
     comment: str = Field(default="", max_length=4000)
+
+    @field_validator("messages")
+    @classmethod
+    def _bounded(cls, messages: list[Message] | None) -> list[Message] | None:
+        size = sum(len(m.text()) for m in messages or [])
+        if size > FEEDBACK_MAX_CHARS:
+            raise ValueError(f"the messages hold {size} characters; feedback accepts at most {FEEDBACK_MAX_CHARS}")
+        return messages
+
+
+class ModerationRequest(_Strict):
+    input: str | list[str]  # OpenAI: a string or an array of strings
+    model: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _count(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_SAMPLES:
+            raise ValueError(f"give 1 to {MAX_SAMPLES} strings, not {len(value)}")
+        return value
+
+
+class ReloadRequest(_Strict):
+    model: str | None = None  # a checkpoint or run directory; None: the path the server was started with
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
