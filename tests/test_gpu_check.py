@@ -16,7 +16,7 @@ def test_gpu_check_smoke_runs_every_part_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     parts = results["parts"]
-    assert list(parts) == ["correctness", "mfu", "fp8", "inference", "distributed"]
+    assert list(parts) == ["correctness", "distributed", "mfu", "inference", "fp8"]
     assert {name: r["status"] for name, r in parts.items()} == dict.fromkeys(parts, "ok")
     # the same device on both sides: the comparisons must come out exact
     c = parts["correctness"]

@@ -85,7 +85,8 @@ class GroupedExperts(nn.Module):
         token = order // K
         y = self.run_experts(x[token], counts)  # [N*K, D], sorted by expert
         y = y * topk_weight.flatten()[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        # y has the GEMMs' dtype: bf16 under autocast when an expert class's GEMMs autocast (FP8's do)
+        return x.new_zeros(x.shape, dtype=y.dtype).index_add_(0, token, y)
 
     def run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, D] rows grouped by expert, counts [E] -> [M, D]."""

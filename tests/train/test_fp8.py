@@ -158,3 +158,18 @@ def test_float8_model_loss_and_gradients_are_close_to_fp32():
     assert all(g is not None for g, _ in pairs)
     g8, g32 = torch.cat([g.flatten() for g, _ in pairs]), torch.cat([g.flatten() for _, g in pairs])
     assert (g8 - g32).norm() / g32.norm() < 0.05
+
+
+def test_an_fp8_model_trains_under_bf16_autocast():
+    """The routed experts' FP8 GEMMs return autocast's bf16 while the residual stream is fp32: the combine must
+    take the GEMMs' dtype (bench/gpu_check.py found this on its first CPU run)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("debug"))
+    assert convert_to_float8(model, "blockwise") > 0
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+    loss.backward()
+    experts = model.blocks[1].ffn.experts
+    assert torch.isfinite(loss) and experts.gate_up_proj.grad.abs().sum() > 0 and experts.down_proj.grad.isfinite().all()
