@@ -44,6 +44,60 @@ class Document:
     license: str = "unknown"
     tag: str = ""  # name of the input the document came from (set per input in the config)
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"url": ...} for web archives
+    # a conversation: its fields ("messages", or "prompt", "chosen", "rejected"), each a list of turns
+    # {"role", "content"}; `text` is then `render(turns)`, what dedup and decontamination read
+    turns: dict[str, list[dict[str, str]]] | None = None
+
+    def judged(self) -> str:
+        """The text that quality and toxicity judge: a conversation's assistant turns (what training imitates),
+        otherwise the whole text."""
+        if self.turns is None:
+            return self.text
+        return "\n\n".join(t["content"] for turns in self.turns.values() for t in turns
+                            if t["role"] == "assistant")
+
+    def map_turns(self, fn: Callable[[str], str]) -> None:
+        """Apply `fn` to the text, or to every turn of a conversation (then re-render the text)."""
+        if self.turns is None:
+            self.text = fn(self.text)
+            return
+        for turns in self.turns.values():
+            for t in turns:
+                t["content"] = fn(t["content"])
+        self.text = render(self.turns)
+
+
+CONVERSATION_FIELDS = (("messages",), ("prompt", "chosen", "rejected"))  # chat (SFT) and preference (DPO) records
+ROLES = ("system", "user", "assistant")
+
+
+def render(turns: dict[str, list[dict[str, str]]]) -> str:
+    """A conversation as one text (every turn of every field, in order): what dedup and decontamination see."""
+    return "\n\n".join(t["content"] for field_turns in turns.values() for t in field_turns)
+
+
+def conversation(record: dict[str, Any]) -> dict[str, list[dict[str, str]]] | str | None:
+    """The turns of a chat record ({"messages": [...]}) or a preference record ({"prompt", "chosen", "rejected"};
+    TRL's conversational lists, or plain strings: a user prompt and assistant replies); None when the record is
+    neither; a string saying what is wrong when it is one of them, malformed."""
+    for fields in CONVERSATION_FIELDS:
+        if not all(f in record for f in fields):
+            continue
+        out = {}
+        for f in fields:
+            value = record[f]
+            if isinstance(value, str):
+                value = [{"role": "user" if f == "prompt" else "assistant", "content": value}]
+            if not isinstance(value, list) or not value:
+                return f"field {f!r} must be a non-empty list of turns or a string"
+            turns = []
+            for i, t in enumerate(value):
+                if not (isinstance(t, dict) and t.get("role") in ROLES and isinstance(t.get("content"), str)):
+                    return f"field {f!r} turn {i}: expected {{\"role\": system|user|assistant, \"content\": string}}"
+                turns.append({"role": t["role"], "content": t["content"]})
+            out[f] = turns
+        return out
+    return None
 
 
 @dataclass
@@ -404,6 +458,16 @@ def _jsonl_record(f: InputFile, config: InputConfig, line_no: int, raw: bytes) -
         return Reject(f.source, line_no, "malformed JSON: nested too deeply to parse")
     if not isinstance(record, dict):
         return Reject(f.source, line_no, f"record is a JSON {type(record).__name__}, expected an object")
+    turns = conversation(record) if config.text_field not in record else None
+    if isinstance(turns, str):
+        return Reject(f.source, line_no, turns)
+    if turns is not None:  # a conversation: its domain is "dialogue" unless the record or the input says otherwise
+        domain = record.get(config.domain_field) or (f.domain if f.domain != config.domain else "dialogue")
+        doc = _make(f, config, line_no, render(turns), record.get(config.id_field), domain,
+                    record.get(config.license_field))
+        if isinstance(doc, Document):
+            doc.turns = turns
+        return doc
     return _make(f, config, line_no, record.get(config.text_field), record.get(config.id_field),
                  record.get(config.domain_field), record.get(config.license_field))
 

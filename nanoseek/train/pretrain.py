@@ -99,6 +99,9 @@ class PretrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
     time_budget_s: float = 0.0  # stop (validate, save) once training steps took this many seconds; 0: no limit
+    # what the schedules (lr, MTP λ, bias rate γ) run on: "steps" (max_steps), or "time": whichever of steps
+    # and seconds (time_budget_s) is further along, so a slower machine still ends its decay inside the budget
+    schedule_clock: str = "steps"
     compile: bool = False  # torch.compile the model (~1.2x on CPU after a compile of a minute or more)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads per process (0: torch's default)
@@ -120,6 +123,10 @@ class PretrainConfig:
             raise bad("fp8", "expected '', 'blockwise' or 'rowwise'")
         if not 0 <= self.decay_start <= 1:
             raise bad("decay_start", "must be a fraction in [0, 1]")
+        if self.schedule_clock not in ("steps", "time"):
+            raise bad("schedule_clock", "expected 'steps' or 'time'")
+        if self.schedule_clock == "time" and not self.time_budget_s:
+            raise bad("schedule_clock", "'time' needs a time_budget_s")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"expected one of {OPTIMIZERS}")
         if self.muon_adjust_lr not in ("match_rms_adamw", "original"):
@@ -237,7 +244,8 @@ class Trainer:
 
     # --- one optimiser step ------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
-        cfg, par, step = self.cfg, self.par, self.step
+        cfg, par = self.cfg, self.par
+        step = self.schedule_step()
         multiplier = lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.decay_start,
                                    cfg.final_lr_ratio)
         lr = cfg.lr * multiplier
@@ -447,13 +455,23 @@ class Trainer:
             plot_metrics(metrics_path, self.out / "plots")
         return last_ckpt
 
-    def _out_of_time(self) -> bool:
-        """Whether training steps have used `time_budget_s` (the slowest process's clock, so all agree)."""
-        if not self.cfg.time_budget_s:
-            return False
+    def schedule_step(self) -> float:
+        """The step the schedules read: the optimiser step, or (schedule_clock "time", after warm-up) the step
+        that the training seconds spent so far stand for, time_budget_s ↔ max_steps, when that is further."""
+        cfg = self.cfg
+        if cfg.schedule_clock == "steps" or self.step < cfg.warmup_steps:
+            return self.step
+        return max(self.step, cfg.max_steps * min(1.0, self.spent_seconds() / cfg.time_budget_s))
+
+    def spent_seconds(self) -> float:
+        """Training seconds so far, the slowest process's (so that all processes agree)."""
         spent = torch.tensor([self.train_seconds], dtype=torch.float64, device=self.device)
         self.par.all_reduce(spent, torch.distributed.ReduceOp.MAX)
-        return spent.item() >= self.cfg.time_budget_s
+        return spent.item()
+
+    def _out_of_time(self) -> bool:
+        """Whether training steps have used `time_budget_s` (the slowest process's clock, so all agree)."""
+        return bool(self.cfg.time_budget_s) and self.spent_seconds() >= self.cfg.time_budget_s
 
     def _stopping(self) -> bool:
         """Whether any process received SIGTERM/SIGINT (all processes must agree to save together)."""

@@ -290,3 +290,48 @@ def test_command_line(corpus, tmp_path, capsys):
     recipe = tmp_path / "recipe.toml"  # a whole recipe: only its [data.curate] table applies
     recipe.write_text("[model]\nlayers = 2\n[data.curate.dedup]\nbands = 20\nrows = 5\n")
     assert load_config(recipe).dedup.num_perm == 100
+
+
+def test_conversations_and_preference_records_are_curated_turn_by_turn(tmp_path):
+    """Chat (`messages`) and preference (`prompt`/`chosen`/`rejected`) records: PII redacted inside every turn,
+    toxicity judged on the assistant turns, dedup on the whole conversation, decontamination on every turn, the
+    record's shape kept (so the trainers read the output), and every input line accounted for."""
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.posttrain.preferences import load_pairs
+    from nanoseek.posttrain.sft import load_examples
+
+    def chat(user: str, reply: str, **extra) -> dict:
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}], **extra}
+
+    trip = "Of course. Write to me at help@travel.example and I will send a plan for Rome with museums and food."
+    records = [
+        chat("My e-mail is jane.doe@example.com, plan a trip to Rome?", trip, id="pii"),
+        chat("My e-mail is jane.doe@example.com, plan a trip to Rome?", trip, id="copy"),  # the same conversation
+        chat("My e-mail is jane.doe@example.com, plan a trip to Rome?", "Rome in spring is lovely.", id="other"),
+        chat("What do you think of me?", "You are a worthless idiot, shut up and go kill yourself.", id="toxic"),
+        chat("You are a worthless idiot, shut up.", "I am sorry you feel that way; how can I help?", id="rude_user"),
+        chat(EVAL_QUESTION, "Let me think step by step.", id="leak"),
+        {"id": "pref", "prompt": "Which is larger, 3 or 5? Call me at +1-202-555-0143.", "chosen": "5 is larger.",
+         "rejected": "3 is larger."},
+        {"id": "bad", "messages": [{"role": "robot", "content": "beep"}]},
+        {"id": "pref_bad", "prompt": "hi", "chosen": [], "rejected": "no"},
+    ]
+    write_jsonl(tmp_path / "eval.jsonl", [{"question": EVAL_QUESTION, "answer": "1274"}])
+    write_jsonl(tmp_path / "chats.jsonl", records)
+    m = curate([str(tmp_path / "chats.jsonl")], tmp_path / "out", fast_config(decontam__paths=(str(tmp_path / "eval.jsonl"),)))
+    t = m["totals"]
+    assert t["records"] == 9 and t["kept"] + t["removed"] + t["rejected"] == 9 and t["rejected"] == 2
+    kept = {r["id"]: r for r in read_dir(tmp_path / "out" / "documents")}
+    removed = {r["id"]: r["stage"] for r in read_dir(tmp_path / "out" / "removed")}
+    assert removed == {"copy": "exact_dedup", "toxic": "toxicity", "leak": "decontamination"}
+    assert set(kept) == {"pii", "other", "rude_user", "pref"}
+    assert kept["pii"]["messages"][0]["content"] == "My e-mail is <EMAIL>, plan a trip to Rome?"
+    assert "<EMAIL>" in kept["pii"]["messages"][1]["content"] and kept["pii"]["domain"] == "dialogue"
+    assert kept["pref"]["prompt"] == [{"role": "user", "content": "Which is larger, 3 or 5? Call me at <PHONE_NUMBER>."}]
+    assert kept["pref"]["chosen"] == [{"role": "assistant", "content": "5 is larger."}]
+    chats, pairs = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"  # the trainers read the curated records
+    write_jsonl(chats, [r for r in kept.values() if "messages" in r])
+    write_jsonl(pairs, [r for r in kept.values() if "prompt" in r])
+    tok = train_tokenizer([json.dumps(r) for r in records] * 4, 300)
+    assert len(load_examples([chats], tok, 512, skip_invalid=False)[0]) == 3
+    assert len(load_pairs(pairs, tok, 512)[0]) == 1

@@ -68,7 +68,16 @@ from nanoseek.data.curate.manifest import MixConfig, build_manifest, data_card, 
 from nanoseek.data.curate.normalize import normalize_text
 from nanoseek.data.curate.pii import PiiConfig, redact
 from nanoseek.data.curate.toxicity import ToxicityClassifier, ToxicityConfig, toxicity_reason, train_classifier
-from nanoseek.data.sources import Document, InputConfig, InputFile, Reject, discover, read
+from nanoseek.data.sources import (
+    CONVERSATION_FIELDS,
+    Document,
+    InputConfig,
+    InputFile,
+    Reject,
+    discover,
+    read,
+    render,
+)
 
 
 @dataclass
@@ -140,8 +149,8 @@ def filter_stage(items: Iterable[Item], stage: str, check: Callable[[Document], 
 def normalize_stage(items: Iterable[Item]) -> Stream:
     for item in items:
         if isinstance(item, Document):
-            item.text = normalize_text(item.text)
-            if not item.text:
+            item.map_turns(normalize_text)
+            if not item.text.strip():
                 yield Removal(item, "normalize", "normalize: no text left after removing control characters")
                 continue
         yield item
@@ -149,6 +158,8 @@ def normalize_stage(items: Iterable[Item]) -> Stream:
 
 def quality_stage(items: Iterable[Item], config: QualityConfig) -> Stream:
     def check(doc: Document) -> str | None:
+        if doc.turns is not None:  # a conversation is judged on its assistant turns, and never cut
+            return quality(doc.judged(), config)[1]
         doc.text, reason = quality(doc.text, config)  # C4 line cleaning may shorten the text
         return reason
 
@@ -160,7 +171,7 @@ def language_stage(items: Iterable[Item], config: LangIdConfig) -> Stream:
 
 
 def toxicity_stage(items: Iterable[Item], config: ToxicityConfig, classifier: ToxicityClassifier) -> Stream:
-    return filter_stage(items, "toxicity", lambda d: toxicity_reason(d.text, config, classifier))
+    return filter_stage(items, "toxicity", lambda d: toxicity_reason(d.judged(), config, classifier))
 
 
 def decontam_stage(items: Iterable[Item], index: EvalIndex, batch: int = 512) -> Stream:
@@ -195,8 +206,12 @@ def pii_stage(items: Iterable[Item], config: PiiConfig, counts: Counter[str]) ->
     """Redacts in place; never removes a document. Replacement counts are added to `counts`."""
     for item in items:
         if isinstance(item, Document):
-            item.text, found = redact(item.text, config)
-            counts.update(found)
+            def redacted(text: str) -> str:
+                text, found = redact(text, config)
+                counts.update(found)
+                return text
+
+            item.map_turns(redacted)  # inside every turn of a conversation
         yield item
 
 
@@ -334,7 +349,8 @@ def filter_task(task: Task, config: CurateConfig, work: Path, eval_index: EvalIn
                 reasons.setdefault(item.stage, Counter())[reason_kind(item.reason)] += 1
             else:
                 digest = content_hash(item.text)
-                record = {"id": item.id, "text": item.text, "source": item.source, "line": item.line,
+                body = {"text": item.text} if item.turns is None else item.turns  # a conversation keeps its shape
+                record = {"id": item.id, **body, "source": item.source, "line": item.line,
                           "domain": item.domain, "license": item.license, "tag": item.tag,
                           "content_hash": f"sha256:{digest}"}
                 if item.meta:
@@ -457,7 +473,9 @@ def write_task(task: Task, work: Path, output: Path) -> dict[str, Any]:
             else:
                 docs.write(record)
                 sources.setdefault(record["source"], Counter())["kept"] += 1
-                domains.setdefault(record["domain"], Counter()).update(docs=1, chars=len(record["text"]))
+                chars = len(record["text"]) if "text" in record else len(render(
+                    {f: record[f] for fields in CONVERSATION_FIELDS for f in fields if f in record}))
+                domains.setdefault(record["domain"], Counter()).update(docs=1, chars=chars)
                 labels = kept_labels.setdefault(record["source"], {"domains": Counter(), "licenses": Counter()})
                 labels["domains"][record["domain"]] += 1
                 labels["licenses"][record["license"]] += 1
