@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("nanoseek.infer.chat", "streaming terminal chat with a trained model"),
     "serve": ("nanoseek.infer.serve.app", "OpenAI-compatible server with a web chat page"),
     "feedback": ("nanoseek.infer.serve.feedback", "export server feedback as SFT and preference JSONL"),
+    "refine": ("nanoseek.refine", "one round of the feedback loop: export, curate, DPO/SFT, evaluate before and "
+               "after, reload the server"),
     "eval": ("nanoseek.eval.evaluate", "score a checkpoint: pass@1/pass@k/maj@k, consistency, hallucination, games, "
              "bits per byte, speed"),
 }

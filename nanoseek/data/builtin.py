@@ -32,7 +32,8 @@ class DataConfig:
     vocab_size: int = 4096
     seed: int = 0
     difficulty: str = "1-3"  # task levels of the worked problems in the corpus
-    mix: dict[str, float] = field(default_factory=dict)  # corpus domain weights ({} -> synth's DOMAIN_MIX)
+    mix: dict[str, float] = field(default_factory=dict)  # domain shares: of the built corpus (docs) and of the training
+    # tokens the loader draws ({}: synth's DOMAIN_MIX for the corpus, the corpus as it is for the tokens)
     task_mix: dict[str, float] = field(default_factory=dict)  # task weights of worked-problem documents ({}: equal)
     curate: dict[str, Any] = field(default_factory=dict)  # CurateConfig overrides, e.g. {quality = {min_words = 20}}
     root: str = ""  # the cache of built data sets ("" -> ~/.cache/nanoseek/data or $NANOSEEK_DATA); `run` uses OUT
@@ -96,12 +97,16 @@ def default_root() -> Path:
     return Path(os.environ.get("NANOSEEK_DATA", Path.home() / ".cache" / "nanoseek" / "data"))
 
 
+FORMAT = 2  # 2: token shards record each document's domain (*.dom.npy), which [data] mix needs
+
+
 def cached(cfg: DataConfig) -> Path:
     """The data set of these settings in the cache, built unless already there; its directory. It is built
     under a temporary name and renamed when complete, so an interrupted or concurrent build never leaves a
     half-written directory behind a finished-looking name."""
     root = Path(cfg.root).expanduser() if cfg.root else default_root()
     shape = {k: v for k, v in asdict(cfg).items() if k not in ("root", "tokenizer_dir", "tokens_dir")}
+    shape["format"] = FORMAT  # a cache written in another layout is built again, not misread
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:8]
     target = root / f"builtin-n{cfg.docs}-v{cfg.vocab_size}-s{cfg.seed}-{digest}"
     if (target / "tokens" / INDEX).exists():

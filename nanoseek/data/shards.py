@@ -11,7 +11,9 @@ order of the input files or on the number of workers, and it stays fixed when th
 
 The loader packs rows of seq_len + 1 tokens that always start at a document start (BOS), so the model never
 trains on a context that begins mid-document:
-  - documents come in a seeded shuffled order, reshuffled every epoch, epochs looping forever;
+  - documents come in a seeded shuffled order, reshuffled every epoch, epochs looping forever; with a domain
+    mix (`[data] mix`, the domains the tokenizer recorded per document in `*.dom.npy`), an epoch takes each
+    domain's documents as often as its weight asks, so the domains' shares of the drawn tokens are the weights;
   - each row is filled best-fit from a small look-ahead buffer (the largest document that still fits);
   - when nothing fits, the shortest buffered document is cropped to fill the row and its tail is dropped
     (so is the tail of any document longer than a row). `cropped_fraction` reports the loss; raise seq_len
@@ -43,6 +45,7 @@ from nanoseek.data.tokenizer import Tokenizer
 
 INDEX = "index.json"
 SPLITS = ("train", "val")
+UNKNOWN_DOMAIN = "unknown"  # the domain of a record without a "domain" field
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,23 +123,27 @@ def _encode_chunk(chunk: tuple[str, int, list[str]]) -> dict[str, Any]:
     """Parse and encode one chunk of raw lines -> per split: concatenated [BOS, ids...] documents and counts."""
     path, first_line, lines = chunk
     w = _worker
-    texts, splits = [], []
+    texts, splits, domains = [], [], []
     for k, line in enumerate(lines):
         if not line.strip():
             continue
         record = parse_record(line, path, first_line + k, w["text_field"])
         texts.append(record[w["text_field"]])
+        domain = record.get("domain")
+        domains.append(domain if isinstance(domain, str) and domain else UNKNOWN_DOMAIN)
         key = record.get(w["id_field"])
         splits.append("val" if is_val(key if isinstance(key, str) else texts[-1], w["val_fraction"]) else "train")
     out: dict[str, Any] = {"empty": sum(1 for t in texts if not t.strip())}
     encoded = w["tok"].encode_batch(texts, bos=True)
     for split in SPLITS:
-        docs = [(ids, t) for ids, t, s in zip(encoded, texts, splits, strict=True) if s == split and t.strip()]
-        tokens = [np.array(ids, dtype=w["dtype"]) for ids, _ in docs]
+        docs = [(ids, t, d) for ids, t, s, d in zip(encoded, texts, splits, domains, strict=True)
+                if s == split and t.strip()]
+        tokens = [np.array(ids, dtype=w["dtype"]) for ids, _, _ in docs]
         out[split] = {
             "tokens": np.concatenate(tokens) if tokens else np.zeros(0, dtype=w["dtype"]),
-            "lengths": np.array([len(ids) for ids, _ in docs], dtype=np.int64),
-            "bytes": sum(len(t.encode("utf-8")) for _, t in docs),
+            "lengths": np.array([len(ids) for ids, _, _ in docs], dtype=np.int64),
+            "bytes": sum(len(t.encode("utf-8")) for _, t, _ in docs),
+            "domains": [d for _, _, d in docs],
         }
     return out
 
@@ -162,18 +169,24 @@ class _ShardWriter:
     """Appends documents to `<split>_NNNNN.bin` files, closing a shard once it holds `shard_tokens` tokens
     (atomic writes). Cuts fall between documents, wherever the chunks that delivered them ended."""
 
-    def __init__(self, out: Path, split: str, shard_tokens: int):
+    def __init__(self, out: Path, split: str, shard_tokens: int, domain_ids: dict[str, int]):
         self.out, self.split, self.shard_tokens = out, split, shard_tokens
+        self.domain_ids = domain_ids  # shared by the splits: domain name -> id in the .dom.npy files
         self.parts: list[np.ndarray] = []
+        self.part_domains: list[int] = []
         self.buffered = self.docs = 0
         self.shards: list[dict[str, Any]] = []
         self.tokens = self.documents = self.bytes = 0
+        self.domain_tokens: dict[str, int] = {}
 
     def add(self, part: dict[str, Any]) -> None:
         tokens, lengths = part["tokens"], part["lengths"]
         self.tokens += len(tokens)
         self.documents += len(lengths)
         self.bytes += part["bytes"]
+        for name, n in zip(part["domains"], lengths.tolist(), strict=True):
+            self.part_domains.append(self.domain_ids.setdefault(name, len(self.domain_ids)))
+            self.domain_tokens[name] = self.domain_tokens.get(name, 0) + n
         ends = np.cumsum(lengths)
         done = 0  # documents of this part already buffered
         while done < len(lengths):
@@ -196,11 +209,17 @@ class _ShardWriter:
         tmp = self.out / f"{name}.tmp{os.getpid()}"
         np.concatenate(self.parts).tofile(tmp)
         os.replace(tmp, self.out / name)
-        self.shards.append({"name": name, "tokens": self.buffered, "documents": self.docs})
-        self.parts, self.buffered, self.docs = [], 0, 0
+        domains = f"{self.split}_{len(self.shards):05d}.dom.npy"  # each document's domain id, in shard order
+        with open(self.out / f"{domains}.tmp{os.getpid()}", "wb") as f:
+            np.save(f, np.array(self.part_domains[:self.docs], dtype=np.uint16))
+        os.replace(self.out / f"{domains}.tmp{os.getpid()}", self.out / domains)
+        self.shards.append({"name": name, "tokens": self.buffered, "documents": self.docs, "domains": domains})
+        self.parts, self.buffered = [], 0
+        self.part_domains, self.docs = self.part_domains[self.docs:], 0
 
     def summary(self) -> dict[str, Any]:
-        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes}
+        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes,
+                "domain_tokens": dict(sorted(self.domain_tokens.items()))}
 
 
 def tokenize_corpus(input_path: str | Path, tokenizer_dir: str | Path, output_dir: str | Path,
@@ -216,7 +235,8 @@ def tokenize_corpus(input_path: str | Path, tokenizer_dir: str | Path, output_di
     dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    writers = {s: _ShardWriter(out, s, shard_tokens) for s in SPLITS}
+    domain_ids: dict[str, int] = {}
+    writers = {s: _ShardWriter(out, s, shard_tokens, domain_ids) for s in SPLITS}
     init = (str(tokenizer_dir), text_field, id_field, val_fraction, dtype)
     workers = max(1, workers or os.cpu_count() or 1)
     bar = tqdm(desc="tokenize", unit="doc", disable=not progress)
@@ -255,13 +275,15 @@ def tokenize_corpus(input_path: str | Path, tokenizer_dir: str | Path, output_di
         "version": 1, "dtype": dtype, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
         "tokenizer_hash": tok.hash, "tokenizer_dir": str(tokenizer_dir), "input": [str(f) for f in files],
         "val_fraction": val_fraction, "skipped_empty_documents": empty,
+        "domains": sorted(domain_ids, key=domain_ids.get),  # names of the ids in the .dom.npy files
         "splits": {s: w.summary() for s, w in writers.items()},
     }
     tmp = out / f"{INDEX}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(tmp, out / INDEX)
     keep = {sh["name"] for w in writers.values() for sh in w.shards}
-    for stale in out.glob("*_*.bin"):  # shards of an earlier, larger run in the same directory
+    keep |= {sh["domains"] for w in writers.values() for sh in w.shards}
+    for stale in [*out.glob("*_*.bin"), *out.glob("*_*.dom.npy")]:  # of an earlier, larger run in this directory
         if stale.name.split("_")[0] in SPLITS and stale.name not in keep:
             stale.unlink()
     return index
@@ -276,7 +298,7 @@ class TokenLoader:
     Packing, rank split and resume are described in the module docstring."""
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, buffer_docs: int = 64):
+                 world_size: int = 1, seed: int = 0, buffer_docs: int = 64, mix: dict[str, float] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if seq_len < 1 or batch_size < 1 or buffer_docs < 1:
@@ -315,20 +337,68 @@ class TokenLoader:
         self.doc_len = ends - self.doc_start
         self.fingerprint = f"{self.index['tokenizer_hash'][:16]}:{info['tokens']}:{info['documents']}"
         self.bytes_per_token = info["bytes"] / info["tokens"]
+        self.mix = dict(sorted((mix or {}).items()))
+        self.domains = self._mix_domains(info) if self.mix else None
         self.load_state_dict(None)
+
+    def _mix_domains(self, info: dict[str, Any]) -> list[tuple[np.ndarray, float]]:
+        """(documents, target share) of each domain the mix gives weight to, shares normalised over them. A
+        domain the data has and the mix does not name gets no tokens; a weight for a domain the data lacks is an
+        error naming both lists."""
+        names = self.index.get("domains")
+        if names is None or any("domains" not in sh for sh in info["shards"]):
+            raise ValueError(f"{self.dir}: these shards record no document domains, so a domain mix cannot be "
+                             f"applied: tokenize the corpus again with this version")
+        missing = sorted(set(self.mix) - set(names))
+        if missing:
+            raise ValueError(f"[data] mix names domains {missing} that {self.dir} does not have (it has {names})")
+        if any(w < 0 for w in self.mix.values()) or not any(self.mix.values()):
+            raise ValueError(f"[data] mix {self.mix}: weights must be >= 0, at least one > 0")
+        self.doc_domain = np.concatenate([np.load(self.dir / sh["domains"]) for sh in info["shards"]])
+        total = sum(self.mix.values())
+        out = []
+        for name, weight in self.mix.items():
+            docs = np.flatnonzero(self.doc_domain == names.index(name))
+            if weight and len(docs):
+                out.append((docs, weight / total))
+        return out
 
     # ----- the row stream (identical on every rank)
 
-    def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.doc_len))
+    def _order(self, domain: int | None = None, epoch: int | None = None) -> np.ndarray:
+        """The documents of an epoch (of one mix domain's documents) in a seeded order."""
+        if domain is None:
+            return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.doc_len))
+        return np.random.default_rng([self.seed, epoch, domain]).permutation(self.domains[domain][0])
 
     def _refill(self) -> None:
         while len(self.buffer) < self.buffer_docs:
+            if self.domains is not None:
+                self.buffer.append(self._next_mixed())
+                continue
             if self.cursor == len(self.order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self.order = self._order()
             self.buffer.append(int(self.order[self.cursor]))
             self.cursor += 1
+
+    def _next_mixed(self) -> int:
+        """The next document of the domain furthest below its share: tokens drawn so far plus those waiting in
+        the buffer (at most a row of each) against the mix. Feedback on what packing really took keeps the
+        shares exact whatever cropping drops; each domain cycles through its own seeded epochs."""
+        waiting = np.zeros(len(self.domains))
+        for doc in self.buffer:
+            waiting[self.domain_of[doc]] += min(int(self.doc_len[doc]), self.row_len)
+        have = self.drawn + waiting
+        shares = np.array([share for _, share in self.domains])
+        d = int(np.argmax(shares * have.sum() - have))  # ties -> the first domain
+        if self.domain_cursor[d] == len(self.domains[d][0]):
+            self.domain_epoch[d] += 1
+            self.domain_cursor[d] = 0
+            self.domain_order[d] = self._order(d, self.domain_epoch[d])
+        doc = int(self.domain_order[d][self.domain_cursor[d]])
+        self.domain_cursor[d] += 1
+        return doc
 
     def _next_row(self) -> list[tuple[int, int]]:
         """Best-fit packing of one row: [(document, tokens taken from its start)]."""
@@ -344,7 +414,10 @@ class TokenLoader:
                 i = int(np.argmin(lens))  # crop the shortest; its tail is dropped
                 take = space
                 self.cropped += int(lens[i]) - space
-            row.append((self.buffer.pop(i), take))
+            doc = self.buffer.pop(i)
+            if self.domains is not None:
+                self.drawn[self.domain_of[doc]] += take
+            row.append((doc, take))
             space -= take
         self.rows += 1
         return row
@@ -375,19 +448,28 @@ class TokenLoader:
     def state_dict(self) -> dict[str, Any]:
         """Position in the global row stream; the same dict on every rank after each batch."""
         return {"split": self.split, "seq_len": self.seq_len, "seed": self.seed, "buffer_docs": self.buffer_docs,
-                "fingerprint": self.fingerprint, "epoch": self.epoch, "cursor": self.cursor,
-                "buffer": list(self.buffer), "rows": self.rows, "cropped": self.cropped}
+                "fingerprint": self.fingerprint, "mix": self.mix, "epoch": self.epoch, "cursor": self.cursor,
+                "buffer": list(self.buffer), "rows": self.rows, "cropped": self.cropped,
+                **({"drawn": self.drawn.tolist(), "domain_epoch": list(self.domain_epoch),
+                    "domain_cursor": list(self.domain_cursor)} if self.domains is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Continue exactly after the batches that produced `state` (None: start from the beginning)."""
+        for key in ("split", "seq_len", "seed", "buffer_docs", "fingerprint", "mix"):
+            if state is not None and state.get(key, {} if key == "mix" else None) != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has "
+                                 f"{getattr(self, key)!r}")  # ("mix" is absent from states before mixing)
+        if self.domains is not None:  # per mix domain: tokens drawn, its own epoch and cursor
+            self.domain_of = {int(doc): d for d, (docs, _) in enumerate(self.domains) for doc in docs}
+            n = len(self.domains)
+            self.drawn = np.array(state["drawn"] if state else [0] * n, dtype=np.float64)
+            self.domain_epoch = list(state["domain_epoch"]) if state else [0] * n
+            self.domain_cursor = list(state["domain_cursor"]) if state else [0] * n
+            self.domain_order = [self._order(d, e) for d, e in enumerate(self.domain_epoch)]
         if state is None:
             self.epoch, self.cursor, self.buffer, self.rows, self.cropped = 0, 0, [], 0, 0
             self.order = self._order()
             return
-        for key in ("split", "seq_len", "seed", "buffer_docs", "fingerprint"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has "
-                                 f"{getattr(self, key)!r}")
         if state["rows"] % self.world_size:
             raise ValueError(f"loader state is at row {state['rows']}, not a multiple of world_size "
                              f"{self.world_size}: resume with a world size that divides it")

@@ -180,6 +180,11 @@ def prepare_data(recipe: dict[str, Any], par: Parallel) -> tuple[Path, Path]:
     return data / "tokenizer", data / "tokens"
 
 
+def data_mix(recipe: dict[str, Any]) -> dict[str, float]:
+    """[data] mix: the domains' shares of the training tokens ({}: as the corpus has them)."""
+    return dict(from_dict(DataConfig, recipe.get("data"), "data").mix)
+
+
 def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
     """[V] UTF-8 bytes of text each token id stands for: turns nats per token into bits per byte.
 
@@ -218,9 +223,10 @@ class Trainer:
         self.foreach = not (par.mode == "fsdp" and par.ep > 1)
         self.optimizers = self.build_optimizers()
         self.peak_lrs = [cfg.lr, cfg.muon_lr or cfg.lr][:len(self.optimizers)]  # AdamW's, then Muon's if any
-        # one global stream of rows; this rank takes every world_size-th (see module docstring)
+        # one global stream of rows, its domains drawn in [data] mix's token shares (validation: as they come);
+        # this rank takes every world_size-th row (see the loader's module docstring)
         self.loader = TokenLoader(self.tokens_dir, "train", cfg.seq_len, cfg.micro_batch, par.rank,
-                                  par.world_size, seed=cfg.seed)
+                                  par.world_size, seed=cfg.seed, mix=data_mix(recipe))
         # MFU's denominator: the peak of the GEMMs that run (FP8 ones only on GPUs; CPU FP8 is emulated in fp32)
         gemm_dtype = torch.bfloat16 if bf16 else torch.float32
         if cfg.fp8 and self.device.type == "cuda":

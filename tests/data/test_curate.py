@@ -335,3 +335,27 @@ def test_conversations_and_preference_records_are_curated_turn_by_turn(tmp_path)
     tok = train_tokenizer([json.dumps(r) for r in records] * 4, 300)
     assert len(load_examples([chats], tok, 512, skip_invalid=False)[0]) == 3
     assert len(load_pairs(pairs, tok, 512)[0]) == 1
+
+
+def test_the_data_card_reports_skewed_demographic_mentions(tmp_path):
+    """The bias report (issue 16): mentions of each group per domain and source, a category flagged past the
+    configured ratio with reweighting factors, a balanced one not flagged."""
+    skewed = [{"id": f"s{i}", "domain": "news", "text": f"The king said that he and his son met the men at the "
+               f"harbour on day {i}, and the boys cheered while he spoke to his brother about the old ships."}
+              for i in range(12)]
+    balanced = [{"id": f"b{i}", "domain": "stories", "text": f"She and he walked on day {i}; her brother and his "
+                 f"sister met a woman and a man who told the girls and the boys about the harbour and the ships."}
+                for i in range(12)]
+    write_jsonl(tmp_path / "skewed.jsonl", skewed)
+    write_jsonl(tmp_path / "balanced.jsonl", balanced)
+    config = fast_config(quality__enabled=False, langid__enabled=False, dedup__near=False)  # near-identical texts
+    m = curate([str(tmp_path / "skewed.jsonl"), str(tmp_path / "balanced.jsonl")], tmp_path / "out", config)
+    bias = m["bias"]
+    news, stories = bias["domains"]["news"]["gender"], bias["domains"]["stories"]["gender"]
+    assert news["mentions"] == 12 * 9 and news["shares"] == {"female": 0.0, "male": 1.0}  # king, he, his, son, ...
+    assert news["flagged"] and news["reweight"]["male"] == 0.5 and news["reweight"]["female"] is None
+    assert not stories["flagged"] and stories["shares"]["female"] == 0.5
+    assert {"domain": "news", "category": "gender"} in bias["flagged"]
+    assert bias["sources"][str(tmp_path / "skewed.jsonl")]["gender"]["flagged"]
+    card = (tmp_path / "out" / "data_card.md").read_text()
+    assert "## Bias report" in card and "| domain `news` | gender | 108 |" in card and "**yes**" in card

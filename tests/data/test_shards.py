@@ -213,3 +213,45 @@ def test_the_cached_builtin_data_is_built_once_per_setting(tmp_path: Path) -> No
     loader = TokenLoader(tokens_dir, "train", 64, 2)
     assert Tokenizer.load(tok_dir).vocab_size == 400 and next(loader).shape == (2, 65)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_the_domain_mix_sets_the_shares_of_the_drawn_tokens(tmp_path: Path) -> None:
+    """[data] mix (issue 16): the domains' shares of the tokens the loader draws are within 2 points of the
+    weights, whatever the corpus's own shares; resume keeps the mix and refuses another one."""
+    rng = random.Random(0)
+    words = "the a cat sat on mat and then ran far away over hills while birds sang".split()
+    sizes = {"general": (600, 40), "math": (150, 12), "code": (60, 90)}  # documents, words each: skewed shares
+    root = tmp_path / "corpus"
+    root.mkdir()
+    with open(root / "c.jsonl", "w") as f:
+        for domain, (n, length) in sizes.items():
+            for i in range(n):
+                text = f"{domain}{i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(length // 2, length)))
+                f.write(json.dumps({"id": f"{domain}-{i}", "text": text, "domain": domain}) + "\n")
+    tok = train_tokenizer([line for line in (root / "c.jsonl").read_text().splitlines()], 320, tmp_path / "tok")
+    index = tokenize_corpus(root, tmp_path / "tok", tmp_path / "tokens", workers=1, val_fraction=0.05,
+                            shard_tokens=4000, progress=False)
+    natural = index["splits"]["train"]["domain_tokens"]
+    assert set(natural) == set(sizes) and natural["general"] / sum(natural.values()) > 0.6
+    target = {"general": 0.3, "math": 0.5, "code": 0.2}
+    loader = TokenLoader(tmp_path / "tokens", "train", SEQ, 4, seed=3, mix=target)
+    names = index["domains"]
+    drawn = {d: 0 for d in target}
+    for _ in range(3000):  # ~2 epochs of rows
+        for doc, take in loader._next_row():
+            drawn[names[loader.doc_domain[doc]]] += take
+    total = sum(drawn.values())
+    for domain, share in target.items():
+        assert abs(drawn[domain] / total - share) < 0.02, (domain, drawn[domain] / total)
+    # resume is exact with a mix too, and needs the same mix
+    a = TokenLoader(tmp_path / "tokens", "train", SEQ, 4, seed=3, mix=target)
+    for _ in range(200):
+        next(a)
+    state = a.state_dict()
+    b = TokenLoader(tmp_path / "tokens", "train", SEQ, 4, seed=3, mix=target)
+    b.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint stores it
+    assert all(torch.equal(next(a), next(b)) for _ in range(50))
+    with pytest.raises(ValueError, match="mix"):
+        TokenLoader(tmp_path / "tokens", "train", SEQ, 4, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"does not have"):
+        TokenLoader(tmp_path / "tokens", "train", SEQ, 4, mix={"poetry": 1.0})

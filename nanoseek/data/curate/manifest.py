@@ -13,6 +13,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanoseek.data.curate.bias import BiasConfig, add, card_lines
+from nanoseek.data.curate.bias import report as bias_report
+
 STAGES = ("normalize", "language", "quality", "toxicity", "decontamination", "pii", "exact_dedup", "near_dedup")
 REJECT_REASONS_SHOWN = 20  # reject reasons listed one by one; the rarer ones are added up under OTHER_REASONS
 OTHER_REASONS = "(other reasons)"
@@ -67,8 +70,10 @@ def build_manifest(
     targets: dict[str, float],
     config: dict[str, Any],
     fingerprint: str,
+    bias: BiasConfig | None = None,
 ) -> dict[str, Any]:
     """Add up per-task statistics into the manifest; checks the accounting identity."""
+    bias = bias or BiasConfig()
     per_source: dict[str, Counter[str]] = {}
     removed_by_stage: Counter[str] = Counter()
     reject_reasons: Counter[str] = Counter()
@@ -76,7 +81,11 @@ def build_manifest(
     pii: Counter[str] = Counter()
     domains: dict[str, Counter[str]] = {}
     labels: dict[str, dict[str, Counter[str]]] = {}
+    mentions: dict[str, dict[str, dict[str, dict[str, int]]]] = {"domains": {}, "sources": {}}
     for stats, final in zip(task_stats, written, strict=True):
+        for kind in ("domains", "sources"):
+            for where, counts in final.get("mentions", {}).get(kind, {}).items():
+                add(mentions[kind].setdefault(where, {}), counts)
         for source, counts in stats["sources"].items():
             per_source.setdefault(source, Counter()).update(counts)
         for source, counts in final["sources"].items():
@@ -132,6 +141,7 @@ def build_manifest(
             "missing_domains": sorted(d for d, m in mix.items() if m["target"] > 0 and m["share"] == 0),
         },
         "shards": [{"file": w["file"], "docs": w["docs"], "bytes": w["bytes"]} for w in written],
+        "bias": bias_report(mentions["domains"], mentions["sources"], bias),
         "config": config,
     }
 
@@ -178,12 +188,15 @@ def data_card(manifest: dict[str, Any], command: str) -> str:
     pii = manifest["pii_replacements"]
     lines += ["", "PII replaced by placeholders: "
               + (", ".join(f"{k} {v:,}" for k, v in pii.items()) if pii else "none found") + "."]
-    lines += ["", "## Domain mix", "", "Shares are by characters. `weight` multiplies a domain's natural sampling "
-              "rate to reach the target mix.", "", "| domain | docs | chars | share | target | weight |",
+    lines += ["", "## Domain mix", "", "Shares are by characters. Pretraining draws the target mix when it is given "
+              "as `[data] mix` (the loader samples each domain's tokens in those shares); `weight` is how much that "
+              "multiplies a domain's natural sampling rate.", "", "| domain | docs | chars | share | target | weight |",
               "|---|---:|---:|---:|---:|---:|"]
     for d, s in manifest["domains"].items():
         lines.append(f"| {d} | {s['docs']:,} | {s['chars']:,} | {s['share']:.3f} | {s['target']:.3f} | "
                      f"{s['weight']:.3f} |")  # kept domains always have data, so a weight
     if manifest["mixing"]["missing_domains"]:
         lines += ["", f"Target domains without any kept document: {manifest['mixing']['missing_domains']}."]
+    if manifest.get("bias"):
+        lines += card_lines(manifest["bias"])
     return "\n".join(lines) + "\n"

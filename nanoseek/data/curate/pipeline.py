@@ -51,6 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nanoseek.common import write_json
+from nanoseek.data.curate.bias import BiasConfig, add, count_mentions
 from nanoseek.data.curate.decontam import DecontamConfig, EvalIndex, load_index
 from nanoseek.data.curate.dedup import (
     DedupConfig,
@@ -93,6 +94,7 @@ class CurateConfig:
     pii: PiiConfig = field(default_factory=PiiConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     mix: MixConfig = field(default_factory=MixConfig)
+    bias: BiasConfig = field(default_factory=BiasConfig)
     workers: int = 0  # worker processes per rank; 0 = every core this process may use
     task_bytes: int = 64 << 20  # inputs are grouped into tasks of about this many bytes (a file is never split)
     keep_work: bool = False  # keep `work/` (per-task intermediates) after a successful run
@@ -449,8 +451,11 @@ def global_dedup(tasks: list[Task], config: DedupConfig, work: Path) -> dict[str
 # Phase 3: write one task's output shards
 
 
-def write_task(task: Task, work: Path, output: Path) -> dict[str, Any]:
-    """Write kept documents, removal records and rejects of one task; `written.json` marks it done."""
+def write_task(task: Task, work: Path, output: Path, bias: BiasConfig | None = None) -> dict[str, Any]:
+    """Write kept documents, removal records and rejects of one task, counting the kept documents' mentions of
+    demographic groups (`bias`); `written.json` marks it done."""
+    bias = bias or BiasConfig()
+    mentions: dict[str, dict[str, dict[str, dict[str, int]]]] = {"domains": {}, "sources": {}}
     tdir = work / f"task-{task.name}"
     decisions = {int(k): v for k, v in json.loads((work / "dedup" / f"task-{task.name}.json").read_text()).items()}
     sources: dict[str, Counter[str]] = {}
@@ -473,9 +478,13 @@ def write_task(task: Task, work: Path, output: Path) -> dict[str, Any]:
             else:
                 docs.write(record)
                 sources.setdefault(record["source"], Counter())["kept"] += 1
-                chars = len(record["text"]) if "text" in record else len(render(
-                    {f: record[f] for fields in CONVERSATION_FIELDS for f in fields if f in record}))
-                domains.setdefault(record["domain"], Counter()).update(docs=1, chars=chars)
+                text = record["text"] if "text" in record else render(
+                    {f: record[f] for fields in CONVERSATION_FIELDS for f in fields if f in record})
+                domains.setdefault(record["domain"], Counter()).update(docs=1, chars=len(text))
+                if bias.enabled:
+                    found = count_mentions(text, bias)
+                    add(mentions["domains"].setdefault(record["domain"], {}), found)
+                    add(mentions["sources"].setdefault(record["source"], {}), found)
                 labels = kept_labels.setdefault(record["source"], {"domains": Counter(), "licenses": Counter()})
                 labels["domains"][record["domain"]] += 1
                 labels["licenses"][record["license"]] += 1
@@ -487,6 +496,7 @@ def write_task(task: Task, work: Path, output: Path) -> dict[str, Any]:
         "removed": dict(removed), "reasons": {s: dict(c) for s, c in reasons.items()},
         "domains": {d: dict(c) for d, c in domains.items()},
         "kept_labels": {s: {k: dict(c) for k, c in v.items()} for s, v in kept_labels.items()},
+        "mentions": mentions,
     }
     write_json(tdir / "written.json", written)
     return written
@@ -655,7 +665,7 @@ def curate(inputs: Iterable[str | Path], output: str | Path, config: CurateConfi
     todo = [t for t in mine if not (work / f"task-{t.name}" / "written.json").exists()]
     if manifest_file.exists():  # another rank finished the run while this one waited
         todo = []
-    _run_parallel(write_task, todo, workers, "write", metrics, rank, work=work, output=output)
+    _run_parallel(write_task, todo, workers, "write", metrics, rank, work=work, output=output, bias=config.bias)
     _wait_for([work / f"task-{t.name}" / "written.json" for t in tasks], "all ranks to write their shards", config,
               manifest_file)
     if rank != 0:
@@ -670,7 +680,7 @@ def curate(inputs: Iterable[str | Path], output: str | Path, config: CurateConfi
         inputs=input_entries, task_stats=stats, written=written, skipped_files=skipped,
         stage_enabled=config.stage_enabled(), targets=config.mix.targets,
         config=json.loads(json.dumps(asdict(config))),  # as it reads back from manifest.json (lists, not tuples)
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, bias=config.bias,
     )
     command = command or f"nanoseek data curate --input {' '.join(inputs)} --output {output}"
     card = output / "data_card.md"
