@@ -46,6 +46,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when nanoseek is not installed
 
+import train_speed  # noqa: E402 - the peer's step, beside this file
+
 from nanoseek.common import write_json  # noqa: E402
 from nanoseek.model import Transformer, preset  # noqa: E402
 from nanoseek.model.balance import update_bias  # noqa: E402
@@ -106,15 +108,10 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, ids: torch.Tensor
     return loss.detach()
 
 
-def hf_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> torch.Tensor:
+def hf_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    """train_speed.py's transformers step under bf16 autocast (fp32 master weights, as nanoseek's)."""
     with torch.autocast(ids.device.type, dtype=torch.bfloat16):
-        logits = model(ids[:, :-1]).logits
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
+        return train_speed.hf_step(model, opt, ids)
 
 
 def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
