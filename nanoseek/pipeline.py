@@ -241,8 +241,8 @@ def _pretrain(run: Run, name: str, resume: bool, model: dict[str, Any] | None = 
     recipe = {**run.recipe, "data": {**run.recipe.get("data", {}), "tokenizer_dir": str(data / "tokenizer"),
                                      "tokens_dir": str(data / "tokens")}}
     # [data] fields of the data stage, not of pretraining. The run's corpus is written in the mix's proportions
-    # (documents per domain) and drawn as it is: the loader applying the mix again, by tokens, lowered R1-Zero's
-    # lift in 3 of 3 seeds (README, "Where the lift comes from")
+    # (documents per domain) and drawn as it is: the loader applying the mix again, by tokens, moved the RL lifts
+    # within their seed-to-seed noise (README, "Where the lift comes from")
     for key in ("difficulty", "curate", "mix", "task_mix"):
         recipe["data"].pop(key, None)
     if model is not None:
