@@ -69,6 +69,15 @@ def test_writes_take_only_json_from_the_servers_own_origin(chat_dir, tmp_path):
                            json={"messages": HI, "max_tokens": 5})
             assert r.status_code == 200
         assert httpx.post(s.url + "/admin/reload", json={}).status_code == 403  # no key: no admin routes
+        # a browser on an allowed origin gets CORS answers (its preflight, then the POST); others get none
+        preflight = httpx.options(s.url + "/v1/chat/completions", headers={
+            "origin": "http://localhost:3000", "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+        refused = httpx.options(s.url + "/v1/chat/completions", headers={
+            "origin": "https://evil.example", "access-control-request-method": "POST"})
+        assert "access-control-allow-origin" not in refused.headers
 
 
 def test_feedback_is_bounded_and_unverified_ratings_stay_out_of_the_export(chat_dir, tmp_path):

@@ -15,7 +15,8 @@ Moderation (`--moderation flag|block|off`, default flag) screens each prompt's l
 flag serves and records the event in the feedback store; block answers a flagged prompt or answer with an
 OpenAI-style refusal (HTTP 200, `finish_reason: "content_filter"`) and redacts PII from answers. Access
 (`Access`): with --api-key every /v1/* and /admin/* route needs `Authorization: Bearer KEY` (401); POST bodies
-must be application/json (415) and come from the server's own page or an --allowed-origins origin (403).
+must be application/json (415) and come from the server's own page or an --allowed-origins origin (403), which
+also gets CORS answers (a browser's preflight) so that a page served elsewhere can call the API.
 
 Concurrent requests share forward passes (continuous batching, `worker.EngineWorker`). Limits: body size (413),
 prompt length, max_tokens cap, n <= the engine's batch, a bounded queue (429 when full, 503 when the engine died).
@@ -606,6 +607,11 @@ def create_app(backend: Backend, model_name: str = "nanoseek", limits: Limits | 
     app.state.server = server
 
     app.add_middleware(Guard, access=access)
+    if access.allowed_origins:  # outermost: a browser's preflight for an allowed origin is answered before Guard
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(access.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError):
