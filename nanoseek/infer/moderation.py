@@ -34,13 +34,13 @@ MODES = ("off", "flag", "block")
 
 @dataclass
 class Moderator:
-    """Scores texts; the classifier trains once (well under a second) on first use."""
+    """Scores texts; the classifier trains once per process (about a second), which the server does at start."""
 
     config: ToxicityConfig = field(default_factory=ToxicityConfig)
 
-    @functools.cached_property
+    @property
     def classifier(self):
-        return train_classifier(self.config)
+        return _trained(self.config.train_path, tuple(self.config.categories))
 
     def __call__(self, text: str) -> dict[str, Any]:
         """The OpenAI-shaped moderation result of one text."""
@@ -61,6 +61,12 @@ class Moderator:
 
     def flagged(self, text: str) -> bool:
         return self(text)["flagged"]
+
+
+@functools.cache
+def _trained(train_path: str, categories: tuple[str, ...]):
+    """The classifier of a labelled set and word lists, trained once per process (every server and test shares it)."""
+    return train_classifier(ToxicityConfig(train_path=train_path, categories=categories))
 
 
 def heldout_scores(moderator: Moderator | None = None) -> dict[str, float]:

@@ -599,6 +599,8 @@ def create_app(backend: Backend, model_name: str = "nanoseek", limits: Limits | 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         server.worker.start()
+        if server.moderation != "off":  # train the classifier now, not inside the first request
+            await asyncio.to_thread(lambda: server.moderator.classifier)
         yield
         for worker in (server.worker, *server.retiring):
             worker.stop()
