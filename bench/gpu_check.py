@@ -29,8 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
-import os
+import math
 import platform
 import socket
 import statistics
@@ -241,7 +240,7 @@ def check_mfu(device: torch.device, smoke: bool, args: argparse.Namespace) -> di
     # the peer: transformers' model with the same weights and the same bf16 step (it has no MTP: its FLOPs are
     # counted without the MTP module, like ours)
     try:
-        del opt
+        opt = None  # its state's memory goes to the peer
         free(device)
         hf = to_hf(model, device).train()
         hf_opt = adamw(hf, device)
@@ -319,7 +318,7 @@ def check_fp8(device: torch.device, smoke: bool, args: argparse.Namespace) -> di
             if i >= 2:
                 times.append(t)
         curves[mode], step_times[mode] = losses, statistics.median(times or [t])
-        del model, opt
+        model = opt = None  # free both before the next mode's copy
         free(device)
     tail = max(1, min(10, steps // 4))
     end = {m: statistics.mean(c[-tail:]) for m, c in curves.items()}
@@ -329,12 +328,8 @@ def check_fp8(device: torch.device, smoke: bool, args: argparse.Namespace) -> di
                step_s_bf16=step_times["bf16"], step_s_fp8=step_times["fp8"],
                fp8_over_bf16_speed=step_times["bf16"] / step_times["fp8"])
     out["within_v3_bound"] = out["loss_rel_diff"] <= 0.0025
-    out["ok"] = out["gemm_rel_err_vs_emulation"] < 1e-3 and all(map(_finite, end.values()))
+    out["ok"] = out["gemm_rel_err_vs_emulation"] < 1e-3 and all(map(math.isfinite, end.values()))
     return out
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 # --- 4. inference --------------------------------------------------------------------------------------------
@@ -547,7 +542,7 @@ def _jsonable(x: Any) -> Any:
         return {k: _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return x
 

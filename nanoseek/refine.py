@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -212,8 +213,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
-
     recipe = load_recipe(args.recipe, args.set)
     report = refine(recipe, args.model, args.feedback, args.out, progress=not args.no_progress)
     print(render(report))

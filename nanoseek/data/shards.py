@@ -357,9 +357,11 @@ class TokenLoader:
         self.doc_domain = np.concatenate([np.load(self.dir / sh["domains"]) for sh in info["shards"]])
         total = sum(self.mix.values())
         out = []
+        self.domain_of = np.full(len(self.doc_len), -1, dtype=np.int64)  # document -> its entry in the result
         for name, weight in self.mix.items():
             docs = np.flatnonzero(self.doc_domain == names.index(name))
             if weight and len(docs):
+                self.domain_of[docs] = len(out)
                 out.append((docs, weight / total))
         return out
 
@@ -460,7 +462,6 @@ class TokenLoader:
                 raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has "
                                  f"{getattr(self, key)!r}")  # ("mix" is absent from states before mixing)
         if self.domains is not None:  # per mix domain: tokens drawn, its own epoch and cursor
-            self.domain_of = {int(doc): d for d, (docs, _) in enumerate(self.domains) for doc in docs}
             n = len(self.domains)
             self.drawn = np.array(state["drawn"] if state else [0] * n, dtype=np.float64)
             self.domain_epoch = list(state["domain_epoch"]) if state else [0] * n
