@@ -2,8 +2,8 @@
 
     nanoseek run [--recipe tiny] [--out runs/nanoseek] [--set grpo_zero.max_steps=50]
 
-    OUT/data/       synth (built-in corpora, SFT conversations, RL prompts, eval sets) -> curated -> tokenizer
-                    -> tokens
+    OUT/data/       synth (built-in corpora, SFT conversations, RL prompts, eval sets) -> curated (the corpus;
+                    sets/: the SFT and RL sets) -> tokenizer -> tokens
     OUT/pretrain/   the base model (MTP, aux-loss-free balancing)                           [pretrain]
     OUT/sft/        cold start: SFT of the base on readable reasoning conversations          [sft_cold]
     OUT/r1_zero/    R1-Zero: GRPO straight from the base, R1-Zero template                   [grpo_zero]
@@ -38,7 +38,7 @@ import torch
 
 from nanoseek.common import write_json
 from nanoseek.config import check_tables, from_dict, load_recipe
-from nanoseek.data.builtin import DataConfig
+from nanoseek.data.builtin import DataConfig, training_set
 from nanoseek.eval.evaluate import DEFAULT_TASKS
 from nanoseek.eval.games import GAMES
 from nanoseek.eval.tasks import load_task
@@ -196,9 +196,9 @@ class Run(Runner):
         """The checkpoint a finished stage produced."""
         return self.out / self.done(name)["checkpoint"]
 
-    def synth(self, name: str) -> Path:
-        """A file of the built-in data set this run's data stage wrote (sft.jsonl, rl.jsonl, eval/...)."""
-        return self.stage_dir("data") / "synth" / name
+    def training_set(self, name: str) -> Path:
+        """A curated training set of this run's data stage (sft.jsonl, rl.jsonl)."""
+        return training_set(self.stage_dir("data"), name)
 
 
 def _metrics(stage_dir: Path) -> list[dict[str, Any]]:
@@ -228,7 +228,8 @@ def stage_data(run: Run, resume: bool) -> dict[str, Any]:
         shutil.rmtree(run.stage_dir("data"))
     made = build(run.stage_dir("data"), cfg, run.progress)
     tokens = {f"{split}_tokens": n for split, n in made["tokens"].items()}
-    return {**made, "metrics": {"vocab_size": made["vocab_size"], **tokens}}
+    sets = {f"{Path(name).stem}_kept": c["kept"] for name, c in made["sets"].items()}
+    return {**made, "metrics": {"vocab_size": made["vocab_size"], **tokens, **sets}}
 
 
 def _pretrain(run: Run, name: str, resume: bool, model: dict[str, Any] | None = None,
@@ -283,7 +284,7 @@ def stage_sft(run: Run, resume: bool) -> dict[str, Any]:
     from nanoseek.posttrain.sft import sft
 
     out = run.stage_dir("sft")
-    ckpt = sft(run.recipe, out, init=run.checkpoint("pretrain"), data=[run.synth("sft.jsonl")], resume=resume,
+    ckpt = sft(run.recipe, out, init=run.checkpoint("pretrain"), data=[run.training_set("sft.jsonl")], resume=resume,
                progress=run.progress, section="sft_cold")
     return {"dir": "sft", "checkpoint": run.rel(ckpt), "metrics": _sft_metrics(out)}
 
@@ -325,7 +326,7 @@ def stage_rejection(run: Run, resume: bool) -> dict[str, Any]:
 
     out = run.stage_dir("rejection")
     table = dict(run.recipe["rejection"])
-    table.setdefault("instruct_data", str(run.synth("sft.jsonl")))
+    table.setdefault("instruct_data", str(run.training_set("sft.jsonl")))
     path = rejection({**run.recipe, "rejection": table}, out, init=run.checkpoint("r1"), progress=run.progress)
     summary = json.loads((out / "rejection.json").read_text())
     if summary["reasoning_kept"] == 0:
@@ -333,7 +334,7 @@ def stage_rejection(run: Run, resume: bool) -> dict[str, Any]:
                            f"(drops: {summary['counts']}); distillation would have nothing to learn from. Train "
                            f"the R1 model longer or widen [rejection] (prompts, samples, tasks, filters)")
     return {"data": run.rel(path), "metrics": {k: summary[k] for k in ("prompts", "samples", "reasoning_kept",
-                                                                       "instruct_added")}}
+                                                                       "instruct_added", "written")}}
 
 
 def stage_distill(run: Run, resume: bool) -> dict[str, Any]:

@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
-from nanoseek.common import pick_device, read_jsonl, write_json, write_jsonl
+from nanoseek.common import pick_device, write_json, write_jsonl
 from nanoseek.config import from_dict, load_recipe
-from nanoseek.data.curate.pipeline import CurateConfig, curate
+from nanoseek.data.curate import kept_records, set_config
+from nanoseek.data.curate.pipeline import curate
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.eval.evaluate import evaluate
 from nanoseek.eval.metrics import bootstrap_ci
@@ -77,10 +78,6 @@ def heldout(prompt: Any, fraction: float, seed: int) -> bool:
     on the same side and the split does not depend on the order of the feedback."""
     key = json.dumps(prompt, sort_keys=True) + f"|{seed}"
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-
-
-def curated_records(curated: Path) -> list[dict[str, Any]]:
-    return [record for f in sorted((curated / "documents").glob("*.jsonl")) for _, record in read_jsonl(f)]
 
 
 @torch.no_grad()
@@ -129,12 +126,12 @@ def refine(recipe: dict[str, Any], model: str | Path, feedback: str | Path, out:
 
     counts = export(feedback, out / "feedback", cfg.include_unverified)
     report["export"] = counts
-    curate_cfg = CurateConfig(workers=cfg.curate_workers)
+    curate_cfg = set_config(cfg.curate_workers)
     curate_cfg.langid.enabled = cfg.curate_langid
     manifest = curate([out / "feedback" / "sft.jsonl", out / "feedback" / "preference.jsonl"], out / "curated",
                       curate_cfg, command="nanoseek refine")
     report["curation"] = {k: manifest["totals"][k] for k in ("records", "kept", "removed", "rejected")}
-    records = curated_records(out / "curated")
+    records = kept_records(out / "curated")
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records if "prompt" in r]
     chats = [{"messages": r["messages"]} for r in records if "messages" in r]
     test = [p for p in pairs if heldout(p["prompt"], cfg.heldout_fraction, cfg.seed)]

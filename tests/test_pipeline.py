@@ -109,11 +109,33 @@ def test_later_stages_read_only_the_run_directory(run):
         stage_json = json.loads((out / stage / "stage.json").read_text())
         return json.loads((out / stage_json["checkpoint"] / "nanoseek.json").read_text())
 
-    assert meta("sft")["recipe"]["sft_cold"]["data"] == [str(out / "data" / "synth" / "sft.jsonl")]
+    assert meta("sft")["recipe"]["sft_cold"]["data"] == [str(out / "data" / "sets" / "sft.jsonl")]
     assert meta("distill")["recipe"]["distill_sft"]["data"] == [str(out / "rejection" / "sft.jsonl")]
     rejection = json.loads((out / "rejection" / "rejection.json").read_text())
-    assert rejection["config"]["instruct_data"] == str(out / "data" / "synth" / "sft.jsonl")
+    assert rejection["config"]["instruct_data"] == str(out / "data" / "sets" / "sft.jsonl")
     assert rejection["instruct_added"] > 0
+
+
+def test_every_training_set_of_the_run_passed_curation(run):
+    """The SFT and RL sets and the rejection samples (distillation's data) went through curation, each with its
+    own manifest and data card, every input record accounted for, and the stages read what it kept."""
+    out, _ = run
+    for curated, kept_file in ((out / "data" / "sets" / "sft", out / "data" / "sets" / "sft.jsonl"),
+                               (out / "data" / "sets" / "rl", out / "data" / "sets" / "rl.jsonl"),
+                               (out / "rejection" / "curated", out / "rejection" / "sft.jsonl")):
+        totals = json.loads((curated / "manifest.json").read_text())["totals"]
+        assert totals["records"] == totals["kept"] + totals["removed"] + totals["rejected"] > 0
+        assert totals["rejected"] == 0
+        assert (curated / "data_card.md").exists()
+        records = [json.loads(line) for line in kept_file.open()]
+        assert len(records) == totals["kept"] > 0
+    sft_records = [json.loads(line) for line in (out / "data" / "sets" / "sft.jsonl").open()]
+    assert all("messages" in r and r["style"] in ("reasoning", "instruct") for r in sft_records)
+    rl_records = [json.loads(line) for line in (out / "data" / "sets" / "rl.jsonl").open()]
+    assert all({"question", "answer", "task", "difficulty", "prompt"} <= set(r) for r in rl_records)
+    rejection = json.loads((out / "rejection" / "rejection.json").read_text())
+    assert rejection["written"] == rejection["curation"]["kept"]
+    assert rejection["curation"]["records"] == len((out / "rejection" / "samples.jsonl").read_text().splitlines())
 
 
 def test_rerun_skips_every_finished_stage(run, capsys):

@@ -7,6 +7,8 @@ recipe without data of their own, build the same thing once into a cache directo
 
     OUT/synth/      corpus/*.jsonl, sft.jsonl, rl.jsonl, eval/<task>.jsonl, synth.json
     OUT/curated/    documents/ (what pretraining reads), manifest.json, data_card.md
+    OUT/sets/       sft.jsonl, rl.jsonl: the SFT conversations and RL problems after curation (what the stages
+                    read); sft/ and rl/ hold each one's curation (manifest.json, data_card.md, removed/)
     OUT/tokenizer/  the BPE tokenizer trained on the curated documents
     OUT/tokens/     train and val token shards
 """
@@ -48,6 +50,15 @@ class DataConfig:
             raise ValueError("[data] tokenizer_dir and tokens_dir must be given together")
 
 
+# the post-training sets the data set builds, and the domain their curation records them under
+SETS = {"sft.jsonl": "dialogue", "rl.jsonl": "math_logic"}
+
+
+def training_set(root: str | Path, name: str) -> Path:
+    """The curated training set `name` (sft.jsonl, rl.jsonl) of the data set built into `root`."""
+    return Path(root) / "sets" / name
+
+
 def corpus_texts(path: str | Path, text_field: str = "text", max_chars: int | None = None) -> list[str]:
     """The texts of a JSONL corpus, in file order, up to `max_chars` characters."""
     texts, total = [], 0
@@ -73,7 +84,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def build(out: str | Path, cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
     """Build the data set into `out` (see the module docstring); returns what was made: the synth manifest,
     curation totals, vocabulary size and tokens per split."""
-    from nanoseek.data.curate import curate, load_config
+    from nanoseek.data.curate import curate, curate_set, load_config, set_config
     from nanoseek.data.synth import write_synth
     from nanoseek.data.tokenizer import train_tokenizer
 
@@ -83,13 +94,22 @@ def build(out: str | Path, cfg: DataConfig, progress: bool = True) -> dict[str, 
                         mix=cfg.mix or None, task_mix=cfg.task_mix or None)
     curate_cfg = load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.curate).items()])
     manifest = curate([out / "synth" / "corpus"], out / "curated", curate_cfg)
+    sets = {}
+    for name in SETS:  # the training sets pass curation too: PII, toxicity, dedup, decontamination against the
+        # held-out problems this data set was drawn with (the generator keeps them apart; this checks it)
+        set_cfg = set_config()
+        set_cfg.decontam.paths = tuple(str(p) for p in sorted((out / "synth" / "eval").glob("*.jsonl")))
+        set_cfg.input.sources = {str(out / "synth" / name): {"domain": SETS[name]}}
+        totals = curate_set([out / "synth" / name], out / "sets" / Path(name).stem, out / "sets" / name,
+                            set_cfg)["totals"]
+        sets[name] = {k: totals[k] for k in ("records", "kept", "removed", "rejected")}
     documents = out / "curated" / "documents"
     tokenizer = train_tokenizer(corpus_texts(documents), cfg.vocab_size, out / "tokenizer")
     # at least ~50 validation documents, at most 10% of a small corpus; one process is fastest at this size
     val_fraction = min(0.1, max(0.01, 50 / max(1, cfg.docs)))
     index = tokenize_corpus(documents, out / "tokenizer", out / "tokens", workers=1 if cfg.docs <= 20_000 else None,
                             val_fraction=val_fraction, progress=progress)
-    return {"synth": synth, "curation": manifest["totals"], "vocab_size": tokenizer.vocab_size,
+    return {"synth": synth, "curation": manifest["totals"], "sets": sets, "vocab_size": tokenizer.vocab_size,
             "tokens": {split: s["tokens"] for split, s in index["splits"].items()}}
 
 
@@ -97,7 +117,7 @@ def default_root() -> Path:
     return Path(os.environ.get("NANOSEEK_DATA", Path.home() / ".cache" / "nanoseek" / "data"))
 
 
-FORMAT = 2  # 2: token shards record each document's domain (*.dom.npy), which [data] mix needs
+FORMAT = 3  # 2: token shards record each document's domain (*.dom.npy), which [data] mix needs; 3: sets/
 
 
 def cached(cfg: DataConfig) -> Path:

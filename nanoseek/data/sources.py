@@ -44,9 +44,21 @@ class Document:
     license: str = "unknown"
     tag: str = ""  # name of the input the document came from (set per input in the config)
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"url": ...} for web archives
-    # a conversation: its fields ("messages", or "prompt", "chosen", "rejected"), each a list of turns
-    # {"role", "content"}; `text` is then `render(turns)`, what dedup and decontamination read
+    # a conversation: its fields ("messages"; "prompt", "chosen", "rejected"; or "question", "answer"), each a
+    # list of turns {"role", "content"}; `text` is then `render(turns)`, what dedup and decontamination read
     turns: dict[str, list[dict[str, str]]] | None = None
+    # a conversation's other fields (task, difficulty, style, a rendered prompt, ...), carried into the curated
+    # record so that the trainers still find them; their strings are normalised and redacted like the turns
+    fields: dict[str, Any] = field(default_factory=dict)
+    plain: tuple[str, ...] = ()  # the conversation fields that came as plain strings, and are written back so
+
+    def body(self) -> dict[str, Any]:
+        """What the curated record holds of this document: its text, or its conversation in the shape it came in
+        (lists of turns, or plain strings) with its other fields."""
+        if self.turns is None:
+            return {"text": self.text}
+        shaped = {f: turns[0]["content"] if f in self.plain else turns for f, turns in self.turns.items()}
+        return {**shaped, **self.fields}
 
     def judged(self) -> str:
         """The text that quality and toxicity judge: a conversation's assistant turns (what training imitates),
@@ -57,17 +69,34 @@ class Document:
                             if t["role"] == "assistant")
 
     def map_turns(self, fn: Callable[[str], str]) -> None:
-        """Apply `fn` to the text, or to every turn of a conversation (then re-render the text)."""
+        """Apply `fn` to the text, or to every turn of a conversation and every string of its other fields (a
+        PII redaction must not survive in a copy of the question), then re-render the text."""
         if self.turns is None:
             self.text = fn(self.text)
             return
         for turns in self.turns.values():
             for t in turns:
                 t["content"] = fn(t["content"])
+        self.fields = _map_strings(self.fields, fn)
         self.text = render(self.turns)
 
 
-CONVERSATION_FIELDS = (("messages",), ("prompt", "chosen", "rejected"))  # chat (SFT) and preference (DPO) records
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """`value` with `fn` applied to every string inside it (lists and objects walked; keys kept)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    return value
+
+
+# chat (SFT), preference (DPO) and problem (RL: a question and its gold answer) records
+CONVERSATION_FIELDS = (("messages",), ("prompt", "chosen", "rejected"), ("question", "answer"))
+USER_FIELDS = ("prompt", "question")  # a string in one of these is a user turn; in the others an assistant turn
+# what curation writes into every curated record; a conversation's own fields of these names give way to them
+PROVENANCE = ("id", "source", "line", "domain", "license", "tag", "content_hash", "meta")
 ROLES = ("system", "user", "assistant")
 
 
@@ -77,9 +106,10 @@ def render(turns: dict[str, list[dict[str, str]]]) -> str:
 
 
 def conversation(record: dict[str, Any]) -> dict[str, list[dict[str, str]]] | str | None:
-    """The turns of a chat record ({"messages": [...]}) or a preference record ({"prompt", "chosen", "rejected"};
-    TRL's conversational lists, or plain strings: a user prompt and assistant replies); None when the record is
-    neither; a string saying what is wrong when it is one of them, malformed."""
+    """The turns of a chat record ({"messages": [...]}), a preference record ({"prompt", "chosen", "rejected"};
+    TRL's conversational lists, or plain strings: a user prompt and assistant replies) or a problem record
+    ({"question", "answer"} strings, as rl.jsonl and GSM8K hold them); None when the record is none of these; a
+    string saying what is wrong when it is one of them, malformed."""
     for fields in CONVERSATION_FIELDS:
         if not all(f in record for f in fields):
             continue
@@ -87,7 +117,7 @@ def conversation(record: dict[str, Any]) -> dict[str, list[dict[str, str]]] | st
         for f in fields:
             value = record[f]
             if isinstance(value, str):
-                value = [{"role": "user" if f == "prompt" else "assistant", "content": value}]
+                value = [{"role": "user" if f in USER_FIELDS else "assistant", "content": value}]
             if not isinstance(value, list) or not value:
                 return f"field {f!r} must be a non-empty list of turns or a string"
             turns = []
@@ -467,6 +497,9 @@ def _jsonl_record(f: InputFile, config: InputConfig, line_no: int, raw: bytes) -
                     record.get(config.license_field))
         if isinstance(doc, Document):
             doc.turns = turns
+            named = {*turns, config.id_field, config.domain_field, config.license_field, *PROVENANCE}
+            doc.fields = {k: v for k, v in record.items() if k not in named}
+            doc.plain = tuple(f for f in turns if isinstance(record[f], str))
         return doc
     return _make(f, config, line_no, record.get(config.text_field), record.get(config.id_field),
                  record.get(config.domain_field), record.get(config.license_field))

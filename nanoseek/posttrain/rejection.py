@@ -10,7 +10,9 @@ keeps its direct-answer skills (R1: ~600k reasoning + ~200k non-reasoning sample
 (the optimal player's moves with their reasoning, checked by the game's rules like the built-in data's) so a
 student distilled from the output still plays legal moves: the teacher is sampled on the RL tasks only.
 
-Writes OUT/sft.jsonl (records for `nanoseek sft`) and OUT/rejection.json (why every sample was dropped).
+Writes OUT/samples.jsonl (what was selected and mixed in), OUT/curated/ (its curation: manifest, data card, what
+was removed and why), OUT/sft.jsonl (the curated records, for `nanoseek sft`) and OUT/rejection.json (why every
+sample was dropped, and the curation's counts).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from nanoseek.common import pick_device, read_jsonl, write_json, write_jsonl
 from nanoseek.config import from_dict, load_recipe
+from nanoseek.data.curate import curate_set
 from nanoseek.data.synth import make_problems
 from nanoseek.data.synth.games import GAMES
 from nanoseek.data.tokenizer import CONTROL_TOKENS
@@ -140,7 +143,7 @@ def sft_record(sample: Sample) -> dict[str, Any]:
     columns = sample.prompt.columns
     return {"messages": [{"role": "user", "content": columns["question"]},
                          {"role": "assistant", "content": sample.text}],
-            "style": "reasoning", "task": columns.get("task", ""), "answer": columns["answer"], "source": "rejection"}
+            "style": "reasoning", "task": columns.get("task", ""), "answer": columns["answer"], "origin": "rejection"}
 
 
 def training_prompts(tokenizer, template: str, tasks: dict[str, float], difficulty: list[int], data: str, n: int,
@@ -177,13 +180,13 @@ def sample_and_select(sampler, prompts: Sequence[Prompt], k: int, temperature: f
 
 def mixed_in_records(path: str | Path, kind: str, n: int, seed: int) -> list[dict[str, Any]]:
     """n conversations of `kind` from a conversations file: "instruct" (direct answers) or "game" (records
-    whose task is a game of nanoseek.data.synth.games), tagged with their kind as `source`."""
+    whose task is a game of nanoseek.data.synth.games), tagged with their kind as `origin`."""
     def wanted(r: dict[str, Any]) -> bool:
         return r.get("task") in GAMES if kind == "game" else record_style(r) == "instruct"
 
     records = [r for _, r in read_jsonl(path) if "messages" in r and wanted(r)]
     random.Random(seed).shuffle(records)
-    return [{**r, "source": kind} for r in records[:n]]
+    return [{**r, "origin": kind} for r in records[:n]]
 
 
 def rejection(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = None,
@@ -220,16 +223,21 @@ def rejection(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | No
             added[kind] = len(extra)
             records += extra
     random.Random(cfg.seed).shuffle(records)
+    write_jsonl(out / "samples.jsonl", records)
+    # what distillation learns from passes curation like every training set: PII, toxicity, duplicate answers,
+    # eval leaks (OUT/curated: manifest.json, data_card.md, what was removed and why)
     path = out / "sft.jsonl"
-    write_jsonl(path, records)
+    curation = curate_set([out / "samples.jsonl"], out / "curated", path, command="nanoseek rejection")["totals"]
     report = {"stage": "rejection", "init": init, "prompts": len(prompts), "samples": sum(counts.values()),
               "reasoning_kept": len(kept), "instruct_added": added["instruct"], "game_added": added["game"],
-              "counts": dict(counts),
+              "counts": dict(counts), "written": curation["kept"],
+              "curation": {k: curation[k] for k in ("records", "kept", "removed", "rejected")},
               "config": asdict(cfg)}
     write_json(out / "rejection.json", report)
     print(f"rejection: kept {len(kept)} of {sum(counts.values())} samples from {len(prompts)} prompts, "
           f"added {added['instruct']} instruct conversations and {added['game']} game transcripts; drops: "
-          f"{json.dumps({k: v for k, v in counts.items() if k != 'kept'})}")
+          f"{json.dumps({k: v for k, v in counts.items() if k != 'kept'})}; curation kept {curation['kept']} of "
+          f"{curation['records']} records")
     return path
 
 

@@ -228,12 +228,13 @@ def validation_loss(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.
 # --- the stage ----------------------------------------------------------------------------------------------
 
 def default_data(recipe: dict[str, Any], name: str) -> Path:
-    """The built-in data set's file `name` (sft.jsonl, rl.jsonl), building the data set if needed."""
-    from nanoseek.data.builtin import DataConfig, cached
+    """The built-in data set's curated training set `name` (sft.jsonl, rl.jsonl), building the data set if
+    needed."""
+    from nanoseek.data.builtin import DataConfig, cached, training_set
 
     cfg = from_dict(DataConfig, recipe.get("data"), "data")
     cfg.validate()
-    return cached(cfg) / "synth" / name
+    return training_set(cached(cfg), name)
 
 
 class SFTStage(Stage):

@@ -318,7 +318,8 @@ def test_conversations_and_preference_records_are_curated_turn_by_turn(tmp_path)
     ]
     write_jsonl(tmp_path / "eval.jsonl", [{"question": EVAL_QUESTION, "answer": "1274"}])
     write_jsonl(tmp_path / "chats.jsonl", records)
-    m = curate([str(tmp_path / "chats.jsonl")], tmp_path / "out", fast_config(decontam__paths=(str(tmp_path / "eval.jsonl"),)))
+    m = curate([str(tmp_path / "chats.jsonl")], tmp_path / "out",
+               fast_config(decontam__paths=(str(tmp_path / "eval.jsonl"),)))
     t = m["totals"]
     assert t["records"] == 9 and t["kept"] + t["removed"] + t["rejected"] == 9 and t["rejected"] == 2
     kept = {r["id"]: r for r in read_dir(tmp_path / "out" / "documents")}
@@ -327,14 +328,52 @@ def test_conversations_and_preference_records_are_curated_turn_by_turn(tmp_path)
     assert set(kept) == {"pii", "other", "rude_user", "pref"}
     assert kept["pii"]["messages"][0]["content"] == "My e-mail is <EMAIL>, plan a trip to Rome?"
     assert "<EMAIL>" in kept["pii"]["messages"][1]["content"] and kept["pii"]["domain"] == "dialogue"
-    assert kept["pref"]["prompt"] == [{"role": "user", "content": "Which is larger, 3 or 5? Call me at <PHONE_NUMBER>."}]
-    assert kept["pref"]["chosen"] == [{"role": "assistant", "content": "5 is larger."}]
+    assert kept["pref"]["prompt"] == "Which is larger, 3 or 5? Call me at <PHONE_NUMBER>."  # strings stay strings
+    assert kept["pref"]["chosen"] == "5 is larger."
     chats, pairs = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"  # the trainers read the curated records
     write_jsonl(chats, [r for r in kept.values() if "messages" in r])
     write_jsonl(pairs, [r for r in kept.values() if "prompt" in r])
     tok = train_tokenizer([json.dumps(r) for r in records] * 4, 300)
     assert len(load_examples([chats], tok, 512, skip_invalid=False)[0]) == 3
     assert len(load_pairs(pairs, tok, 512)[0]) == 1
+
+
+def test_problem_records_and_their_fields_survive_curation(tmp_path):
+    """RL problem records ({question, answer} + task, difficulty, a rendered prompt, ...) are curated as a user
+    and an assistant turn and written back as they came; every other field is carried into the curated record,
+    its strings redacted like the turns (a copy of the question must not keep the e-mail), so GRPO reads the
+    output; SFT records keep their `style`; a record's own `source` gives way to curation's provenance."""
+    from nanoseek.data.curate import curate_set, set_config
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.infer.rollout import record_prompt
+
+    question = "Mail bob@example.org: what is 17 + 25?"
+    records = [
+        {"id": "p1", "question": question, "answer": "42", "task": "arithmetic", "difficulty": 2,
+         "prompt": f"User: {question}\nAssistant:", "paraphrases": [f"Again: {question}"], "source": "mine"},
+        {"id": "p2", "question": "What is 3 + 4?", "answer": "7", "task": "arithmetic", "difficulty": 1},
+        {"id": "p3", "question": "What is 3 + 4?", "answer": "7", "task": "arithmetic", "difficulty": 1},
+        {"id": "s1", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+         "style": "instruct"},
+        {"id": "bad", "question": "What is 1 + 1?", "answer": 2},
+    ]
+    write_jsonl(tmp_path / "rl.jsonl", records)
+    config = set_config()
+    config.decontam.builtin = False
+    m = curate_set([tmp_path / "rl.jsonl"], tmp_path / "out", tmp_path / "kept.jsonl", config)
+    t = m["totals"]
+    assert (t["records"], t["kept"], t["removed"], t["rejected"]) == (5, 3, 1, 1)
+    kept = {r["id"]: r for r in map(json.loads, (tmp_path / "kept.jsonl").open())}
+    assert set(kept) == {"p1", "p2", "s1"}  # p3 repeats p2
+    p1 = kept["p1"]
+    assert (p1["question"], p1["answer"]) == ("Mail <EMAIL>: what is 17 + 25?", "42")  # strings stay strings
+    assert p1["prompt"] == "User: Mail <EMAIL>: what is 17 + 25?\nAssistant:"
+    assert p1["paraphrases"] == ["Again: Mail <EMAIL>: what is 17 + 25?"]
+    assert (p1["task"], p1["difficulty"], p1["source"]) == ("arithmetic", 2, str(tmp_path / "rl.jsonl"))
+    assert kept["s1"]["style"] == "instruct"
+    tok = train_tokenizer([json.dumps(r) for r in records] * 4, 300)
+    prompt = record_prompt(tok, kept["p2"], "r1_zero", "kept.jsonl:2")
+    assert prompt.columns["answer"] == "7" and prompt.columns["task"] == "arithmetic"
 
 
 def test_the_data_card_reports_skewed_demographic_mentions(tmp_path):

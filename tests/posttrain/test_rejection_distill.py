@@ -104,10 +104,10 @@ def test_mixed_in_records_pick_instruct_conversations_or_game_transcripts(tmp_pa
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [chat, solved, *games, chat]))
     picked = mixed_in_records(path, "game", 3, seed=0)
-    assert len(picked) == 3 and all(r["task"] == "nim" and r["source"] == "game" for r in picked)
+    assert len(picked) == 3 and all(r["task"] == "nim" and r["origin"] == "game" for r in picked)
     assert len(mixed_in_records(path, "game", 50, seed=0)) == 5  # no more than the file has
     instruct = mixed_in_records(path, "instruct", 50, seed=0)
-    assert len(instruct) == 2 and all(r["style"] == "instruct" and r["source"] == "instruct" for r in instruct)
+    assert len(instruct) == 2 and all(r["style"] == "instruct" and r["origin"] == "instruct" for r in instruct)
 
 
 def test_rejection_refuses_mixed_in_shares_that_leave_no_room(tmp_path):

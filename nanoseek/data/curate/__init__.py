@@ -12,9 +12,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nanoseek.common import read_jsonl, write_jsonl
 from nanoseek.data.curate.pipeline import CurateConfig, curate
 
-__all__ = ["CurateConfig", "add_arguments", "curate", "load_config", "main"]
+__all__ = ["CurateConfig", "add_arguments", "curate", "curate_set", "kept_records", "load_config", "main",
+           "set_config"]
+
+
+def kept_records(output: str | Path) -> list[dict[str, Any]]:
+    """The records a finished curation kept (its documents/ shards, in order)."""
+    return [record for f in sorted((Path(output) / "documents").glob("*.jsonl")) for _, record in read_jsonl(f)]
+
+
+def set_config(workers: int = 1) -> CurateConfig:
+    """Curation of a training set of conversations, preference pairs or problems: every stage but language
+    identification, which misjudges short turns full of invented names and numbers (on the built-in SFT set it
+    dropped 326 of 2,000 English conversations)."""
+    config = CurateConfig(workers=workers)
+    config.langid.enabled = False
+    return config
+
+
+def curate_set(inputs: list[str | Path], output: str | Path, path: str | Path, config: CurateConfig | None = None,
+               command: str = "") -> dict[str, Any]:
+    """Curate a training set into `output` (manifest.json, data_card.md, the removed and rejected records) and
+    write the records it kept to `path`, the one JSONL file the trainers read; returns the manifest. A record's
+    own fields (task, answer, style, ...) travel with it, redacted like its turns."""
+    manifest = curate(inputs, output, config or set_config(), command=command)
+    write_jsonl(path, kept_records(output))
+    return manifest
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CurateConfig:

@@ -70,11 +70,11 @@ from nanoseek.data.curate.normalize import normalize_text
 from nanoseek.data.curate.pii import PiiConfig, redact
 from nanoseek.data.curate.toxicity import ToxicityClassifier, ToxicityConfig, toxicity_reason, train_classifier
 from nanoseek.data.sources import (
-    CONVERSATION_FIELDS,
     Document,
     InputConfig,
     InputFile,
     Reject,
+    conversation,
     discover,
     read,
     render,
@@ -351,8 +351,7 @@ def filter_task(task: Task, config: CurateConfig, work: Path, eval_index: EvalIn
                 reasons.setdefault(item.stage, Counter())[reason_kind(item.reason)] += 1
             else:
                 digest = content_hash(item.text)
-                body = {"text": item.text} if item.turns is None else item.turns  # a conversation keeps its shape
-                record = {"id": item.id, **body, "source": item.source, "line": item.line,
+                record = {"id": item.id, **item.body(), "source": item.source, "line": item.line,
                           "domain": item.domain, "license": item.license, "tag": item.tag,
                           "content_hash": f"sha256:{digest}"}
                 if item.meta:
@@ -478,8 +477,7 @@ def write_task(task: Task, work: Path, output: Path, bias: BiasConfig | None = N
             else:
                 docs.write(record)
                 sources.setdefault(record["source"], Counter())["kept"] += 1
-                text = record["text"] if "text" in record else render(
-                    {f: record[f] for fields in CONVERSATION_FIELDS for f in fields if f in record})
+                text = record["text"] if "text" in record else render(conversation(record))
                 domains.setdefault(record["domain"], Counter()).update(docs=1, chars=len(text))
                 if bias.enabled:
                     found = count_mentions(text, bias)

@@ -132,8 +132,8 @@ class Guard:
         await self.app(scope, receive, send)
 
 
-DISCONNECT_POLL_S = 0.25
-REFUSAL = "I can't help with that."  # what a blocked prompt or answer gets (`finish_reason: "content_filter"`)  # how often a non-streaming call checks that its client is still there
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming call checks that its client is still there
+REFUSAL = "I can't help with that."  # what a blocked prompt or answer gets (`finish_reason: "content_filter"`)
 
 
 def _sse(data: dict | str) -> str:
