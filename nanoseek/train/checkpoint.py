@@ -122,7 +122,7 @@ def _write_checkpoint(tmp: Path, step: int, model: Transformer, optimizer: Optim
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": expert_dtensors(msd, par), "optim": expert_dtensors(osd, par)},
+        dcp.save({"model": expert_dtensors(msd, par), "optim": expert_dtensors(_without_groups(osd), par)},
                  checkpoint_id=str(tmp / DCP_DIR))
         full = gather_full_state_dict(model, par)
     else:
@@ -138,6 +138,13 @@ def _write_checkpoint(tmp: Path, step: int, model: Transformer, optimizer: Optim
         for f in copy_files or []:
             shutil.copy2(f, tmp / Path(f).name)
         _fsync_tree(tmp)
+
+
+def _without_groups(osd: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict without its param_groups, for DCP: pipeline stages hold different parameters, so
+    their groups differ, and DCP stores a non-tensor entry once (one rank's). The groups hold only the recipe's
+    hyperparameters and parameter names, which the resuming run rebuilds itself."""
+    return {k: v for k, v in osd.items() if k != "param_groups"}
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -192,11 +199,13 @@ def load_checkpoint(path: str | Path, model: Transformer, optimizer: Optimizers,
         import torch.distributed.checkpoint as dcp
 
         msd, osd = get_state_dict(model, optimizer)
-        target = {"model": expert_dtensors(msd, par), "optim": expert_dtensors(osd, par)} if par.distributed \
-            else {"model": msd, "optim": osd}
+        optim = _without_groups(osd)
+        target = {"model": expert_dtensors(msd, par), "optim": expert_dtensors(optim, par)} if par.distributed \
+            else {"model": msd, "optim": optim}
         dcp.load(target, checkpoint_id=str(path / DCP_DIR))
+        optim = {**local_experts(target["optim"], par), "param_groups": osd["param_groups"]}
         set_state_dict(model, optimizer, model_state_dict=local_experts(target["model"], par),
-                       optim_state_dict=local_experts(target["optim"], par))
+                       optim_state_dict=optim)
     else:
         weights = from_hf_state_dict(model.config, read_tensors(path), where=str(path))
         optim = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)

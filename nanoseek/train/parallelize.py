@@ -1,10 +1,12 @@
 """Data and expert parallelism, composed onto an unchanged model (the model never imports this file).
 
-Process layout for `torchrun --nproc_per_node=W` with `--expert-parallel P` (P divides W):
+Process layout for `torchrun --nproc_per_node=W` with `--pipeline-parallel S` and `--expert-parallel P`
+(S divides W, P divides the data-parallel size W/S):
 
-    dp mesh [W]              every process holds a different slice of the batch
-    expert mesh [W/P, P]     ("replica", "ep"): routed experts are split over the P ranks of an "ep" row and
-                             replicated over the W/P rows; rank = replica · P + ep_rank
+    pp, dp [S, W/S]          pipeline stage outermost: rank = pp_rank · W/S + dp_rank (see train/pipeline.py)
+    dp mesh [W/S]            every process of a stage holds a different slice of the batch
+    expert mesh [W/S/P, P]   ("replica", "ep") inside a stage: routed experts are split over the P ranks of an
+                             "ep" row and replicated over the rows; dp_rank = replica · P + ep_rank
 
 - DDP: the model is replicated, gradients averaged by all-reduce (torch DDP, buffers kept in sync by us).
 - FSDP2: `fully_shard` per decoder block (MTP blocks included) and once at the root, over the dp mesh, with a
@@ -41,9 +43,11 @@ class Parallel:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     ep: int = 1
+    pp: int = 1
     dp_mesh: DeviceMesh | None = None
     expert_mesh: DeviceMesh | None = None  # [replica, ep]
     expert_params: dict[str, nn.Parameter] = field(default_factory=dict)  # FQN -> local expert slice
+    pp_group: dist.ProcessGroup | None = None  # the S ranks of one pipeline (same dp_rank)
 
     @property
     def distributed(self) -> bool:
@@ -56,6 +60,19 @@ class Parallel:
     @property
     def ep_rank(self) -> int:
         return self.rank % self.ep
+
+    @property
+    def dp_size(self) -> int:
+        """Processes that share one step's batch (each pipeline stage has this many replicas)."""
+        return self.world_size // self.pp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank % self.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.dp_size
 
     def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
         """In place over all processes (a no-op in a single process); returns t."""
@@ -75,7 +92,7 @@ class Parallel:
         return out
 
 
-def init_parallel(mode: str | None, ep: int = 1, device: str = "auto") -> Parallel:
+def init_parallel(mode: str | None, ep: int = 1, device: str = "auto", pp: int = 1) -> Parallel:
     """Read torchrun's environment, start the process group (NCCL on GPU, gloo on CPU) and build the meshes.
 
     mode None picks "ddp" under torchrun and "none" for a single process.
@@ -87,13 +104,16 @@ def init_parallel(mode: str | None, ep: int = 1, device: str = "auto") -> Parall
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if world == 1:
-        if ep > 1:
-            raise ValueError(f"--expert-parallel {ep} needs {ep} processes: torchrun --nproc_per_node={ep} ...")
+        if ep > 1 or pp > 1:
+            flag, n = ("--expert-parallel", ep) if ep > 1 else ("--pipeline-parallel", pp)
+            raise ValueError(f"{flag} {n} needs {n} processes: torchrun --nproc_per_node={n} ...")
         return Parallel(device=torch.device(device))
     if mode == "none":
         raise ValueError(f"{world} processes need --parallel ddp or --parallel fsdp")
-    if world % ep:
-        raise ValueError(f"--expert-parallel {ep} must divide the number of processes ({world})")
+    if pp < 1 or world % pp:
+        raise ValueError(f"--pipeline-parallel {pp} must divide the number of processes ({world})")
+    if (world // pp) % ep:
+        raise ValueError(f"--expert-parallel {ep} must divide the processes per pipeline stage ({world // pp})")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
@@ -102,10 +122,17 @@ def init_parallel(mode: str | None, ep: int = 1, device: str = "auto") -> Parall
         dev = torch.device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    dp_mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
-    expert_mesh = (init_device_mesh(dev.type, (world // ep, ep), mesh_dim_names=("replica", "ep"))
-                   if ep > 1 else None)
-    return Parallel(mode, rank, world, local_rank, dev, ep, dp_mesh, expert_mesh)
+    dp = world // pp
+    if pp == 1:
+        dp_mesh, pp_group = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",)), None
+        expert_mesh = (init_device_mesh(dev.type, (dp // ep, ep), mesh_dim_names=("replica", "ep"))
+                       if ep > 1 else None)
+    else:  # every mesh below is this rank's stage's slice of the [pp, ...] mesh
+        mesh = init_device_mesh(dev.type, (pp, dp), mesh_dim_names=("pp", "dp"))
+        dp_mesh, pp_group = mesh["dp"], mesh.get_group("pp")
+        expert_mesh = (init_device_mesh(dev.type, (pp, dp // ep, ep), mesh_dim_names=("pp", "replica", "ep"))
+                       ["replica", "ep"] if ep > 1 else None)
+    return Parallel(mode, rank, world, local_rank, dev, ep, pp, dp_mesh, expert_mesh, pp_group=pp_group)
 
 
 def shutdown(par: Parallel) -> None:
@@ -119,34 +146,41 @@ def parallelize(model: nn.Module, par: Parallel, param_dtype: torch.dtype | None
     if par.ep > 1:
         apply_expert_parallel(model, par)
     if par.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        DDP._set_params_and_buffers_to_ignore_for_model(model, list(par.expert_params))
-        device_ids = [par.local_rank] if par.device.type == "cuda" else None
-        # Buffers (balancing biases, rotary tables) stay identical on every rank by construction, so DDP need
-        # not re-broadcast them before every forward (the argument was renamed in torch 2.13).
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                   else {"broadcast_buffers": False})
-        return DDP(model, device_ids=device_ids, **no_sync)
+        return apply_ddp(model, par)
     if par.mode == "fsdp":
-        apply_fsdp(model, par, param_dtype)
+        # MTP modules are driven through their methods, not forward(): shard their decoder block; their norms
+        # and projection are gathered with the root's parameters.
+        apply_fsdp(model, [*model.blocks, *(m.block for m in model.mtp)], par, param_dtype)
     return model
 
 
-def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: torch.dtype | None) -> None:
+def apply_ddp(module: nn.Module, par: Parallel) -> nn.Module:
+    """module wrapped in DDP over the data-parallel ranks; expert slices (reduced by us) are left out."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(module, list(par.expert_params))
+    device_ids = [par.local_rank] if par.device.type == "cuda" else None
+    # Buffers (balancing biases, rotary tables) stay identical on every rank by construction, so DDP need
+    # not re-broadcast them before every forward (the argument was renamed in torch 2.13).
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})
+    return DDP(module, device_ids=device_ids, process_group=par.dp_mesh.get_group(), **no_sync)
+
+
+def apply_fsdp(root: nn.Module, blocks: list[nn.Module], par: Parallel, param_dtype: torch.dtype | None) -> None:
+    """FSDP2 over the data-parallel ranks: each decoder block, then `root` (the model, or a pipeline stage)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     ignored = set(par.expert_params.values()) or None
     if param_dtype not in (None, torch.float32):
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-        for moe in model.moe_layers():  # routing decisions need fp32 router weights
-            fully_shard(moe.gate, mesh=par.dp_mesh, mp_policy=fp32)
-    # MTP modules are driven through their methods, not forward(): shard their decoder block; their norms and
-    # projection are gathered with the root's parameters.
-    for block in [*model.blocks, *(m.block for m in model.mtp)]:
+        for block in blocks:  # routing decisions need fp32 router weights
+            if block.is_moe:
+                fully_shard(block.ffn.gate, mesh=par.dp_mesh, mp_policy=fp32)
+    for block in blocks:
         fully_shard(block, mesh=par.dp_mesh, mp_policy=mp, ignored_params=ignored)
-    fully_shard(model, mesh=par.dp_mesh, mp_policy=mp, ignored_params=ignored)
+    fully_shard(root, mesh=par.dp_mesh, mp_policy=mp, ignored_params=ignored)
 
 
 # --- expert parallelism -------------------------------------------------------------------------------------
@@ -222,16 +256,16 @@ def apply_expert_parallel(model: nn.Module, par: Parallel) -> None:
 
 def reduce_expert_grads(par: Parallel) -> None:
     """Expert gradients hold the contributions of every rank's tokens (they arrived via all-to-all): sum them
-    over replica rows, then divide by the process count like the data-parallel average does."""
+    over replica rows, then divide by the data-parallel size like the data-parallel average does."""
     if not par.expert_params:
         return
-    replica = par.expert_mesh.get_group("replica") if par.world_size > par.ep else None
+    replica = par.expert_mesh.get_group("replica") if par.dp_size > par.ep else None
     for p in par.expert_params.values():
         if p.grad is None:
             continue
         if replica is not None:
             dist.all_reduce(p.grad, group=replica)
-        p.grad.div_(par.world_size)
+        p.grad.div_(par.dp_size)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, par: Parallel) -> torch.Tensor:
@@ -239,7 +273,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, par: Parallel) -> torch.Te
 
     Each rank adds the squares of the gradient elements it holds, divided by how many ranks hold the same
     elements: FSDP shards are unique, expert slices are repeated over the replica rows, DDP/plain gradients
-    over all ranks. One all-reduce then gives the exact global sum. A non-finite norm leaves gradients alone.
+    over the data-parallel ranks (a pipeline stage's parameters live on its ranks only). One all-reduce then
+    gives the exact global sum. A non-finite norm leaves gradients alone.
     """
     from torch.distributed.tensor import DTensor
 
@@ -254,9 +289,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float, par: Parallel) -> torch.Te
         if isinstance(g, DTensor):
             local, copies = g.to_local(), 1
         elif id(p) in expert_ids:
-            local, copies = g, par.world_size // par.ep
+            local, copies = g, par.dp_size // par.ep
         else:
-            local, copies = g, par.world_size
+            local, copies = g, par.dp_size
         total += local.double().pow(2).sum() / copies
     norm = par.all_reduce(total).sqrt().float()
     if torch.isfinite(norm):
@@ -273,11 +308,18 @@ def gather_full_state_dict(model: nn.Module, par: Parallel) -> dict[str, torch.T
 
     if not par.distributed:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # cpu_offload keeps the full tensors on global rank 0 only; under pipeline parallelism every stage gathers
+    # its own on all its ranks and its first data-parallel rank sends them to rank 0
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=par.pp == 1))
     for name, p in par.expert_params.items():
         parts = [torch.empty_like(p.detach()) for _ in range(par.ep)]
         dist.all_gather(parts, p.detach().contiguous(), group=par.expert_mesh.get_group("ep"))
         sd[name] = torch.cat(parts).cpu()
+    if par.pp > 1:
+        mine = {k: v.detach().cpu() for k, v in sd.items()} if par.dp_rank == 0 else {}
+        stages: list | None = [None] * par.world_size if par.is_main else None
+        dist.gather_object(mine, stages, dst=0)
+        sd = {k: v for stage in stages or [] for k, v in stage.items()}
     return sd if par.is_main else None
 
 

@@ -2,6 +2,8 @@
 
     nanoseek pretrain --recipe tiny --out runs/tiny
     torchrun --nproc_per_node=8 -m nanoseek pretrain --recipe r.toml --out runs/big --parallel fsdp --expert-parallel 8
+    torchrun --nproc_per_node=4 -m nanoseek pretrain --recipe r.toml --out runs/pp --pipeline-parallel 2 \
+        --pp-schedule dualpipev --expert-parallel 2          (stages: train/pipeline.py)
 
 Each optimiser step sees `global_batch_tokens` tokens whatever the process count: every process runs
 global_batch / (micro_batch · seq_len · processes) micro-batches and gradients are averaged, so the loss curve
@@ -54,6 +56,7 @@ from nanoseek.train.parallelize import (
     reduce_expert_grads,
     shutdown,
 )
+from nanoseek.train.pipeline import SCHEDULES, Pipeline
 
 
 @dataclass
@@ -103,6 +106,9 @@ class PretrainConfig:
     # and seconds (time_budget_s) is further along, so a slower machine still ends its decay inside the budget
     schedule_clock: str = "steps"
     compile: bool = False  # torch.compile the model (~1.2x on CPU after a compile of a minute or more)
+    # --pipeline-parallel: micro-batches per step through the pipeline (0: the accumulation count, so each is a
+    # micro_batch; more shrink the bubble and must divide the step's sequences on each data-parallel rank)
+    pipeline_microbatches: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads per process (0: torch's default)
     plots: bool = True
@@ -133,6 +139,8 @@ class PretrainConfig:
             raise bad("muon_adjust_lr", "expected 'match_rms_adamw' or 'original'")
         if self.muon_lr < 0 or self.time_budget_s < 0:
             raise bad("muon_lr" if self.muon_lr < 0 else "time_budget_s", "must be >= 0")
+        if self.pipeline_microbatches < 0:
+            raise bad("pipeline_microbatches", "must be >= 0")
 
     def accumulation(self, world_size: int) -> int:
         per_step = self.micro_batch * self.seq_len * world_size
@@ -199,7 +207,7 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
 # --- the trainer --------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, recipe: dict[str, Any], cfg: PretrainConfig, out_dir: Path, par: Parallel,
-                 progress: bool = True):
+                 progress: bool = True, pp_schedule: str = "1f1b"):
         self.recipe, self.cfg, self.out, self.par, self.progress = recipe, cfg, out_dir, par, progress
         self.device = par.device
         if cfg.threads:
@@ -207,7 +215,7 @@ class Trainer:
         self.tokenizer_dir, self.tokens_dir = prepare_data(recipe, par)
         self.tokenizer = Tokenizer.load(self.tokenizer_dir)
         self.token_bytes = token_byte_lengths(self.tokenizer).to(self.device)
-        self.accum = cfg.accumulation(par.world_size)
+        self.accum = cfg.accumulation(par.dp_size)
 
         torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
         self.model = Transformer(model_config(recipe, self.tokenizer.vocab_size)).to(self.device)
@@ -215,7 +223,15 @@ class Trainer:
         if cfg.fp8:
             convert_to_float8(self.model, cfg.fp8)
         bf16 = cfg.precision == "bf16"
-        self.forward_model = parallelize(self.model, par, torch.bfloat16 if bf16 else None)
+        self.pipeline = None  # pipeline parallelism: this rank's stages and their schedule
+        if par.pp > 1:
+            if cfg.compile:
+                raise ValueError("[pretrain] compile=true does not run under --pipeline-parallel")
+            self.pipeline = Pipeline(self.model, par, pp_schedule, cfg.pipeline_microbatches or self.accum,
+                                     torch.bfloat16 if bf16 else None)
+            self.forward_model = self.pipeline
+        else:
+            self.forward_model = parallelize(self.model, par, torch.bfloat16 if bf16 else None)
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 \
@@ -224,9 +240,9 @@ class Trainer:
         self.optimizers = self.build_optimizers()
         self.peak_lrs = [cfg.lr, cfg.muon_lr or cfg.lr][:len(self.optimizers)]  # AdamW's, then Muon's if any
         # one global stream of rows, its domains drawn in [data] mix's token shares (validation: as they come);
-        # this rank takes every world_size-th row (see the loader's module docstring)
-        self.loader = TokenLoader(self.tokens_dir, "train", cfg.seq_len, cfg.micro_batch, par.rank,
-                                  par.world_size, seed=cfg.seed, mix=data_mix(recipe))
+        # this rank takes every dp_size-th row (see the loader's module docstring); a pipeline's ranks read alike
+        self.loader = TokenLoader(self.tokens_dir, "train", cfg.seq_len, cfg.micro_batch, par.dp_rank,
+                                  par.dp_size, seed=cfg.seed, mix=data_mix(recipe))
         # MFU's denominator: the peak of the GEMMs that run (FP8 ones only on GPUs; CPU FP8 is emulated in fp32)
         gemm_dtype = torch.bfloat16 if bf16 else torch.float32
         if cfg.fp8 and self.device.type == "cuda":
@@ -262,7 +278,11 @@ class Trainer:
         t0 = time.perf_counter()
         parts = torch.zeros(3, dtype=torch.float64, device=self.device)  # ce, mtp, balance
         counts = None
-        for micro in range(self.accum):
+        if self.pipeline:  # the schedule runs all micro-batches of the step
+            rows = torch.cat([next(self.loader) for _ in range(self.accum)]).to(self.device)  # [accum·B, T+1]
+            with self.autocast():
+                parts, counts = self.pipeline.step(rows[:, :-1], rows[:, 1:], lam, cfg.balance_alpha)
+        for micro in range(0 if self.pipeline else self.accum):
             batch = next(self.loader).to(self.device)  # [B, T+1]
             inputs, labels = batch[:, :-1], batch[:, 1:]
             with self.gradient_sync(micro == self.accum - 1):
@@ -274,7 +294,7 @@ class Trainer:
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
         reduce_expert_grads(par)
-        parts = par.all_reduce(parts) / par.world_size
+        parts = par.all_reduce(parts) / par.dp_size
         if counts is not None:
             counts = par.all_reduce(counts)
         grad_norm = clip_grad_norm(self.model, cfg.grad_clip, par)
@@ -283,7 +303,8 @@ class Trainer:
             for opt in self.optimizers:
                 opt.step()
             if counts is not None and gamma > 0:
-                update_bias(self.model, counts, gamma)
+                # under pipeline parallelism each stage updates the layers it holds
+                update_bias(self.model, counts[self.pipeline.moe_rows] if self.pipeline else counts, gamma)
             self.bad_steps = 0
         else:
             self.bad_steps += 1
@@ -327,11 +348,11 @@ class Trainer:
         micro-batches of the validation split (the same ones every time)."""
         cfg, par = self.cfg, self.par
         self.model.eval()
-        loader = TokenLoader(self.tokens_dir, "val", cfg.seq_len, cfg.micro_batch, par.rank, par.world_size,
+        loader = TokenLoader(self.tokens_dir, "val", cfg.seq_len, cfg.micro_batch, par.dp_rank, par.dp_size,
                              seed=cfg.seed)
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # nats, tokens, bytes, mtp nats·n, n
         counts, mtp_hits = None, None
-        for _ in range(max(1, cfg.val_batches // par.world_size)):
+        for _ in range(max(1, cfg.val_batches // par.dp_size)):
             batch = next(loader).to(self.device)
             inputs, labels = batch[:, :-1], batch[:, 1:]
             with self.autocast():
@@ -509,7 +530,8 @@ def _stop_on_signals(trainer: Trainer):
 # --- entry points -------------------------------------------------------------------------------------------
 def pretrain(recipe: dict[str, Any], out_dir: str | Path, *, max_steps: int | None = None,
              save_every: int | None = None, resume: bool = False, parallel: str | None = None,
-             expert_parallel: int = 1, progress: bool = True) -> Path:
+             expert_parallel: int = 1, progress: bool = True, pipeline_parallel: int = 1,
+             pp_schedule: str = "1f1b") -> Path:
     """Pretrain the model a recipe describes into `out_dir`; returns the final checkpoint directory.
 
     Raises TrainingInterrupted after a SIGTERM/SIGINT (a checkpoint has been saved) and RuntimeError after
@@ -525,9 +547,9 @@ def pretrain(recipe: dict[str, Any], out_dir: str | Path, *, max_steps: int | No
     recipe = {**recipe, "pretrain": asdict(cfg)}
     started = not torch.distributed.is_initialized()
     threads = torch.get_num_threads()
-    par = init_parallel(parallel, expert_parallel, cfg.device)
+    par = init_parallel(parallel, expert_parallel, cfg.device, pipeline_parallel)
     try:
-        return Trainer(recipe, cfg, Path(out_dir), par, progress).run(resume)
+        return Trainer(recipe, cfg, Path(out_dir), par, progress, pp_schedule).run(resume)
     finally:
         torch.set_num_threads(threads)
         if started:
@@ -542,7 +564,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     parser.add_argument("--parallel", choices=("ddp", "fsdp"), help="data parallelism under torchrun (default ddp)")
     parser.add_argument("--expert-parallel", type=int, default=1, metavar="N",
-                        help="spread routed experts over N processes (N divides the process count)")
+                        help="spread routed experts over N processes (N divides the processes per stage)")
+    parser.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
+                        help="split the decoder into pipeline stages over N processes (N divides the process count)")
+    parser.add_argument("--pp-schedule", choices=list(SCHEDULES), default="1f1b",
+                        help="pipeline schedule (interleaved1f1b, zbv, dualpipev: two stages per process)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set pretrain.lr=1e-3 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -553,7 +579,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         ckpt = pretrain(recipe, args.out, max_steps=args.max_steps, save_every=args.save_every, resume=args.resume,
                         parallel=args.parallel, expert_parallel=args.expert_parallel,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, pipeline_parallel=args.pipeline_parallel,
+                        pp_schedule=args.pp_schedule)
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         return 128 + e.signum
