@@ -21,6 +21,12 @@ The generation prompt is `<|assistant|>` followed by
     thinking=True  -> `<think>\\n` (reason first),
     thinking=False -> `</think>\\n` (answer directly),
 so each mode continues exactly as the training conversations did.
+
+Images (the VL models): `add_image_token` gives a tokenizer with one more control token, `<image>`, at the next
+free id. A user or system message marks where an image goes by writing `<image>`; `encode_chat(...,
+image_tokens=n)` expands each placeholder to the n ids the vision tower's features replace (DeepSeek-VL2's
+processor does the same). The Jinja template is unchanged: it renders `<image>` as text, which a VL tokenizer reads
+as the one control id, so a text tokenizer's ids stay exactly what they were.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 CONTROL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
 REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+IMAGE_TOKEN = "<image>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
 # Words with an optional leading space or punctuation, single digits, punctuation runs, newlines, spaces.
@@ -78,6 +85,16 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = 0, 1, 2
         self.system_id, self.user_id, self.assistant_id = 3, 4, 5
         self.think_id, self.end_think_id, self.answer_id, self.end_answer_id = 6, 7, 8, 9
+        self.image_id = tok.token_to_id(IMAGE_TOKEN)  # None for a text-only tokenizer
+
+    def add_image_token(self) -> Tokenizer:
+        """This tokenizer with `<image>` as a control token at the next free id (itself if it has one): text can
+        never produce it, so only a placeholder the caller wrote becomes an image."""
+        if self.image_id is not None:
+            return self
+        tok = HFTokenizer.from_str(self._chat.to_str())
+        tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+        return Tokenizer(tok)
 
     # ----- files
 
@@ -95,14 +112,15 @@ class Tokenizer:
         d.mkdir(parents=True, exist_ok=True)
         _atomic_write(d / "tokenizer.json", self._chat.to_str(pretty=True))
         special = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+        additional = CONTROL_TOKENS[3:] + [IMAGE_TOKEN] * (self.image_id is not None)
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast", **special,
-            "additional_special_tokens": CONTROL_TOKENS[3:], "add_bos_token": False, "add_eos_token": False,
+            "additional_special_tokens": additional, "add_bos_token": False, "add_eos_token": False,
             "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000, "chat_template": CHAT_TEMPLATE,
         }
         _atomic_write(d / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         _atomic_write(d / "special_tokens_map.json",
-                      json.dumps({**special, "additional_special_tokens": CONTROL_TOKENS[3:]}, indent=2) + "\n")
+                      json.dumps({**special, "additional_special_tokens": additional}, indent=2) + "\n")
 
     @property
     def hash(self) -> str:
@@ -163,13 +181,18 @@ class Tokenizer:
         return "".join(t for t, _ in self._segments(messages, add_generation_prompt, thinking))
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                    thinking: bool | None = None) -> tuple[list[int], list[int]]:
+                    thinking: bool | None = None, image_tokens: int = 0) -> tuple[list[int], list[int]]:
         """(ids, mask) of a conversation; mask is 1 on tokens the assistant produces (its content, including
-        the `</think>\\n` of a direct answer, and the closing EOS) — the SFT loss positions."""
+        the `</think>\\n` of a direct answer, and the closing EOS) — the SFT loss positions. With image_tokens=n
+        every `<image>` of a user or system message becomes n image ids (never trained on)."""
+        if image_tokens and self.image_id is None:
+            raise ValueError("image_tokens: this tokenizer has no <image> token (see add_image_token)")
         ids: list[int] = []
         mask: list[int] = []
         for text, trainable in self._segments(messages, add_generation_prompt, thinking):
             piece = self._chat.encode(text, add_special_tokens=False).ids
+            if image_tokens and not trainable and self.image_id in piece:
+                piece = [j for i in piece for j in ([i] * (image_tokens if i == self.image_id else 1))]
             ids += piece
             mask += [int(trainable)] * len(piece)
         return ids, mask

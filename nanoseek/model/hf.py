@@ -234,8 +234,13 @@ def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
-    """A model from a nanoseek checkpoint, a run directory (its latest checkpoint) or an HF DeepseekV3 directory."""
+    """A model from a nanoseek checkpoint, a run directory (its latest checkpoint) or an HF DeepseekV3 directory;
+    a VL checkpoint (config.json's model_type "nanoseek_vl") gives its `nanoseek.model.vl.VLModel`."""
     ckpt = resolve_checkpoint(path)
+    from nanoseek.model.vl import is_vl_checkpoint, load_vl  # vl builds on this module
+
+    if is_vl_checkpoint(ckpt):
+        return load_vl(ckpt, dtype=dtype, device=device)
     try:
         cfg = ModelConfig.from_hf_dict(json.loads((ckpt / "config.json").read_text()))
     except (ValueError, TypeError) as e:
