@@ -185,31 +185,35 @@ def apply_fsdp(root: nn.Module, blocks: list[nn.Module], par: Parallel, param_dt
 
 # --- expert parallelism -------------------------------------------------------------------------------------
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with a backward pass: gradients travel the reverse route."""
+    """all_to_all_single with a backward pass: gradients travel the reverse route, on `backward_group` (the same
+    ranks as `group`, a separate communicator): a pipeline can then run one micro-batch's forward and another's
+    backward at once (DualPipe, train/pipeline.py) without their exchanges interleaving differently per rank."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup,
+                backward_group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), backward_group
         out = x.new_empty(sum(out_splits), *x.shape[1:])
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         out_splits, in_splits = ctx.splits
         back = grad.new_empty(sum(in_splits), *grad.shape[1:])
         dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
+        return back, None, None, None, None
 
 
 class ExpertParallel:
     """Mixin placed in front of a GroupedExperts class: same call signature, experts spread over the "ep" ranks.
 
-    Attributes set by `apply_expert_parallel`: ep_group, ep_size, n_local (experts on this rank).
+    Attributes set by `apply_expert_parallel`: ep_group, ep_backward_group (the same ranks, for the gradients'
+    exchanges), ep_size, n_local (experts on this rank).
     """
 
     ep_group: dist.ProcessGroup
+    ep_backward_group: dist.ProcessGroup
     ep_size: int
     n_local: int
 
@@ -224,13 +228,14 @@ class ExpertParallel:
         recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
         in_splits, out_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
-        x_recv = _AllToAll.apply(x[token], out_splits, in_splits, self.ep_group)  # [R, D] by source rank
+        groups = self.ep_group, self.ep_backward_group
+        x_recv = _AllToAll.apply(x[token], out_splits, in_splits, *groups)  # [R, D] by source rank
         # regroup what arrived (source-major) by local expert, run the experts, restore the arrival order
         expert_of_row = torch.arange(El, device=x.device).repeat(P).repeat_interleave(recv_counts.flatten())
         by_expert = expert_of_row.argsort(stable=True)
         y_sorted = self.run_experts(x_recv[by_expert], recv_counts.sum(0))
         y_recv = y_sorted[by_expert.argsort()]
-        y = _AllToAll.apply(y_recv, in_splits, out_splits, self.ep_group)  # [N*K, D] in `order`
+        y = _AllToAll.apply(y_recv, in_splits, out_splits, *groups)  # [N*K, D] in `order`
         y = y * topk_weight.flatten()[order, None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
@@ -238,6 +243,11 @@ class ExpertParallel:
 def apply_expert_parallel(model: nn.Module, par: Parallel) -> None:
     """Keep this rank's E/P experts of every MoE layer and switch the layer to token exchange."""
     group = par.expert_mesh.get_group("ep")
+    backward_group = None
+    for first in range(0, par.world_size, par.ep):  # "ep" rows are runs of ep consecutive ranks; all ranks
+        row = dist.new_group(list(range(first, first + par.ep)))  # create every row's group, in order
+        if first <= par.rank < first + par.ep:
+            backward_group = row
     for name, module in model.named_modules():
         if not isinstance(module, GroupedExperts):
             continue
@@ -251,7 +261,7 @@ def apply_expert_parallel(model: nn.Module, par: Parallel) -> None:
             setattr(module, pname, local)
             par.expert_params[f"{name}.{pname}"] = local
         module.__class__ = type(f"ExpertParallel{type(module).__name__}", (ExpertParallel, type(module)), {})
-        module.ep_group, module.ep_size, module.n_local = group, par.ep, El
+        module.ep_group, module.ep_backward_group, module.ep_size, module.n_local = group, backward_group, par.ep, El
 
 
 def reduce_expert_grads(par: Parallel) -> None:

@@ -19,9 +19,17 @@ step they are summed over all ranks and each stage updates the biases of the lay
 A rank keeps one `Transformer` (its checkpoints and optimizer see it) pruned to the layers of its stages: the
 blocks held elsewhere are `Elsewhere` placeholders, so every parameter keeps its full-model name and a DCP
 checkpoint written by any layout loads into any other, one process included.
+
+Overlap (DualPipe's idea): DualPipeV pairs the forward of one micro-batch with the backward of another
+(OVERLAP_F_B), which torch runs one after the other. With expert parallelism we run the forward on a helper
+thread while the backward runs here, so one's all-to-all dispatch/combine proceeds while the other computes.
+Forward and backward exchanges use separate process groups of the same ranks (train/parallelize.py), so their
+order per group is the same on every rank. bench/pipeline_overlap.py measures the overlap in a profiler trace.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.distributed as dist
@@ -34,6 +42,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import OVERLAP_F_B, _wait_batch_p2p
 
 from nanoseek.model.transformer import ModelOutput, Transformer
 from nanoseek.train.objectives import pretrain_loss
@@ -146,7 +155,7 @@ class Pipeline:
     """
 
     def __init__(self, model: Transformer, par: Parallel, schedule: str, n_microbatches: int,
-                 param_dtype: torch.dtype | None = None):
+                 param_dtype: torch.dtype | None = None, overlap: bool = True):
         if schedule not in SCHEDULES:
             raise ValueError(f"--pp-schedule {schedule!r}: expected one of {list(SCHEDULES)}")
         cls, per_rank, self.style = SCHEDULES[schedule]
@@ -172,11 +181,17 @@ class Pipeline:
                              for s in mine]
         self.n_microbatches = n_microbatches
         self.lam, self.alpha, self.parts = 0.0, 0.0, []
-        if per_rank == 1:
-            self.schedule = cls(self.torch_stages[0], n_microbatches, loss_fn=self.loss)
-        else:
-            self.schedule = cls(self.torch_stages, n_microbatches, loss_fn=self.loss)
+        try:
+            self.schedule = cls(self.torch_stages[0] if per_rank == 1 else self.torch_stages, n_microbatches,
+                                loss_fn=self.loss)
+        except ValueError as e:  # e.g. too few micro-batches for the schedule's stages
+            raise ValueError(f"[pretrain] pipeline_microbatches={n_microbatches} (--pp-schedule {schedule}): {e}") \
+                from e
         self.has_first, self.has_last = 0 in mine, self.n_stages - 1 in mine
+        # FSDP's unshard/reshard bookkeeping is left to torch's sequential runner
+        self.overlap = overlap and schedule == "dualpipev" and par.ep > 1 and par.mode != "fsdp"
+        if self.overlap:
+            self.schedule.register_custom_function(OVERLAP_F_B, self._overlap_forward_backward)
 
     def _data_parallel(self, stage: Stage, param_dtype: torch.dtype | None) -> nn.Module:
         """FSDP2 over this stage's data-parallel ranks (a stage without parameters needs none). Under "ddp" the
@@ -218,6 +233,56 @@ class Pipeline:
         parts = (torch.stack(self.parts[-n:]).mean(0) if self.has_last
                  else torch.zeros(3, dtype=torch.float64, device=self.par.device))
         return parts, self._counts(n)
+
+    def _overlap_forward_backward(self, action, ctx) -> None:
+        """OVERLAP_F_B: the forward sub-action on a helper thread, the full backward on this one, then join.
+        Both mirror torch's sequential runner (_PipelineScheduleRuntime._step_microbatches)."""
+        sched = ctx.schedule_ref
+        fwd, bwd = action.sub_actions
+        errors: list[BaseException] = []
+        dev = self.par.device.type
+        autocast = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)  # thread-local state
+
+        def forward() -> None:
+            try:
+                with torch.autocast(dev, dtype=autocast[1], enabled=autocast[0]):
+                    self._forward_action(sched, fwd.stage_index, fwd.microbatch_index, ctx)
+            except BaseException as e:  # re-raised on the schedule's thread
+                errors.append(e)
+
+        helper = threading.Thread(target=forward, name=f"pp-forward-mb{fwd.microbatch_index}")
+        helper.start()
+        try:
+            self._backward_action(sched, bwd.stage_index, bwd.microbatch_index)
+        finally:
+            helper.join()
+        if errors:
+            raise errors[0]
+
+    def _local(self, sched, stage_index: int) -> bool:
+        return sched.stage_index_to_group_rank.get(stage_index) == self.par.pp_rank
+
+    def _forward_action(self, sched, s: int, mb: int, ctx) -> None:
+        stage = self._torch_stage(s)
+        if not stage.is_first and not self._local(sched, s - 1):
+            _wait_batch_p2p(sched.fwd_recv_ops.pop((s, mb)))
+        output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=False)
+        sched._maybe_compute_loss(stage, output, ctx.target_mbs, mb)
+        if self._local(sched, s + 1):
+            self._torch_stage(s + 1).set_local_fwd_input(output, mb)
+
+    def _backward_action(self, sched, s: int, mb: int) -> None:
+        stage = self._torch_stage(s)
+        if not stage.is_last and not self._local(sched, s + 1):
+            _wait_batch_p2p(sched.bwd_recv_ops.pop((s, mb)))
+        sched.backward_counter[s] += 1
+        last = sched.backward_counter[s] == self.n_microbatches
+        stage.backward_one_chunk(mb, loss=sched._maybe_get_loss(stage, mb), full_backward=True, last_backward=last)
+        if self._local(sched, s - 1):
+            self._torch_stage(s - 1).set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
+
+    def _torch_stage(self, s: int) -> PipelineStage:
+        return next(t for t in self.torch_stages if t.stage_index == s)
 
     def _average_gradients(self) -> None:
         """Data-parallel mean of the replicated gradients over this stage's ranks (experts: reduce_expert_grads)."""
