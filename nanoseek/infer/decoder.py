@@ -12,6 +12,10 @@ tested against (tests compare both, and against transformers):
 - routed experts: a token routed to K experts reads just those K experts' weights when the step has few
   (token, expert) pairs, else the model's grouped matmul over experts sorted by id.
 
+- DSA (DeepSeek-V3.2): the indexer scores the cached index keys (the cache's `index_k`, written beside c_kv and
+  k_pe), and each query attends to its top-k columns only, gathered from the latent cache
+  (`nanoseek.model.dsa.sparse_attention`, which the model's sparse prefill uses too).
+
 Every step reads the keys already cached (`old`, under a validity mask) and its own new tokens. Eagerly, each
 layer writes its new latents into the cache and attends over it in place. Compiled, the step mutates nothing (the
 new keys join from registers and are written into the cache afterwards) and its shapes depend only on (rows, new
@@ -27,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanoseek.model.dsa import select, sparse_attention
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.rope import apply_rope
 
@@ -92,42 +97,42 @@ class Decoder:
                 old = key_mask[:n, :start]
         if key_mask is not None:
             new = key_mask[:n, start:start + t].contiguous()
-        x, c_new, pe_new = step(*inputs, positions, old, new, cache.c_kv[:, :, :S], cache.k_pe[:, :, :S])
+        x, added = step(*inputs, positions, old, new, tuple(c[:, :, :S] for c in cache.tensors()))
         if self.compiled:
-            cache.c_kv[layers, :, start:start + t] = c_new
-            cache.k_pe[layers, :, start:start + t] = pe_new
+            for c, a in zip(cache.tensors(), added, strict=True):
+                c[layers, :, start:start + t] = a
         return x
 
-    def main_step(self, ids, positions, old, new, c_kv, k_pe):
-        """ids [n, t] -> (final normed hidden [n, t, D], new latents of the main layers)."""
-        x, c, pe = self.blocks(self.model.blocks, self.model.embed(ids), positions, old, new, c_kv, k_pe)
-        return norm(self.model.norm, x), c, pe
+    def main_step(self, ids, positions, old, new, caches):
+        """ids [n, t] -> (final normed hidden [n, t, D], the main layers' new cache entries)."""
+        x, added = self.blocks(self.model.blocks, self.model.embed(ids), positions, old, new, caches)
+        return norm(self.model.norm, x), added
 
-    def mtp_step(self, h, next_ids, positions, old, new, c_kv, k_pe):
+    def mtp_step(self, h, next_ids, positions, old, new, caches):
         """h [n, t, D] main hidden states, next_ids [n, t] the token after each column -> (MTP block output
-        [n, t, D], new latents of its layer)."""
+        [n, t, D], its layer's new cache entries)."""
         m = self.model.mtp[0]
         x = m.eh_proj(torch.cat([norm(m.enorm, self.model.embed(next_ids)), norm(m.hnorm, h)], dim=-1))
-        return self.blocks([m.block], x, positions, old, new, c_kv, k_pe)
+        return self.blocks([m.block], x, positions, old, new, caches)
 
-    def blocks(self, blocks, x, positions, old, new, c_kv, k_pe):
-        """Blocks on x [n, t, D] -> (x [n, t, D], c_kv of the new tokens [layers, n, t, r], k_pe [layers, n, t,
-        rope]). c_kv [layers, n, S, r] and k_pe hold the cached columns (compiled), or the cached columns and t
-        more that each layer writes its new latents into (eager); old/new mark the valid keys."""
+    def blocks(self, blocks, x, positions, old, new, caches):
+        """Blocks on x [n, t, D] -> (x [n, t, D], the new tokens' cache entries: c_kv [layers, n, t, r], k_pe
+        [layers, n, t, rope] (and DSA's index keys [layers, n, t, d_I])). caches (`LatentCache.tensors()`, each
+        [layers, n, S, *]) hold the cached columns (compiled), or the cached columns and t more that each layer
+        writes its new entries into (eager); old/new mark the valid keys."""
         t = x.shape[1]
         cos, sin = self.model.rotary(positions)  # [n, t, rope/2]
-        bias = self.attention_bias(old, new, c_kv.shape[2] - (0 if self.compiled else t), t, x.device)
-        cs, pes = [], []
+        bias = self.attention_bias(old, new, caches[0].shape[2] - (0 if self.compiled else t), t, x.device)
+        added = []
         for block in blocks:
             attn = block.attn
-            y, c, pe = self.attention(attn, norm(block.attn_norm, x), cos, sin, bias, c_kv[attn.layer_idx],
-                                      k_pe[attn.layer_idx])
+            y, new_entries = self.attention(attn, norm(block.attn_norm, x), cos, sin, bias,
+                                            tuple(c[attn.layer_idx] for c in caches))
             x = x + y
-            cs.append(c)
-            pes.append(pe)
+            added.append(new_entries)
             hx = norm(block.ffn_norm, x)
             x = x + (self.moe(block.ffn, hx) if block.is_moe else block.ffn(hx))
-        return x, torch.stack(cs), torch.stack(pes)
+        return x, tuple(torch.stack(a) for a in zip(*added, strict=True))
 
     @staticmethod
     def attention_bias(old: torch.Tensor | None, new: torch.Tensor | None, S: int, t: int, device
@@ -145,35 +150,48 @@ class Decoder:
         allowed = torch.cat([cached.expand(rows, t, S), allowed.expand(rows, t, t)], dim=-1)
         return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
-    def attention(self, attn, x, cos, sin, bias, c_kv, k_pe):
-        """Absorbed MLA of x [n, t, D] over the cached latents and its own -> (output [n, t, D], the new normed
-        latents [n, t, r], rotated rope keys [n, t, rope]). c_kv [n, S, r], k_pe [n, S, rope] are this layer's
-        cached columns (compiled: the new keys join from registers) or those and the t new columns, written here
-        (eager: no copy of the cache per step)."""
+    def attention(self, attn, x, cos, sin, bias, caches):
+        """Absorbed MLA of x [n, t, D] over the cached latents and its own -> (output [n, t, D], the new cache
+        entries: normed latents [n, t, r], rotated rope keys [n, t, rope], and DSA's index keys [n, t, d_I]).
+        caches (c_kv [n, S, r], k_pe [n, S, rope], index_k [n, S, d_I]) are this layer's cached columns (compiled:
+        the new keys join from registers) or those and the t new columns, written here (eager: no copy of the
+        cache per step)."""
         n, t, _ = x.shape
         H, nope, rope, v, r = self.H, self.nope, self.rope, self.v, self.r
-        q = attn.q_b_proj(norm(attn.q_a_norm, attn.q_a_proj(x))) if attn.low_rank_q else attn.q_proj(x)
+        q_latent = norm(attn.q_a_norm, attn.q_a_proj(x)) if attn.low_rank_q else x
+        q = attn.q_b_proj(q_latent) if attn.low_rank_q else attn.q_proj(q_latent)
         q = q.view(n, t, H, nope + rope)
         q_nope, q_pe = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
         c, pe = attn.kv_a_proj(x).split([r, rope], dim=-1)
-        c, pe = norm(attn.kv_a_norm, c).to(c_kv.dtype), apply_rope(pe, cos, sin).to(k_pe.dtype)
+        c, pe = norm(attn.kv_a_norm, c).to(caches[0].dtype), apply_rope(pe, cos, sin).to(caches[1].dtype)
+        new = (c, pe) if attn.indexer is None else (c, pe, attn.indexer.keys(x, cos, sin).to(caches[2].dtype))
         if self.compiled:
-            c_all, pe_all = torch.cat([c_kv, c], dim=1), torch.cat([k_pe, pe], dim=1)  # [n, S + t, *]
+            every = tuple(torch.cat([old, add], dim=1) for old, add in zip(caches, new, strict=True))  # [n, S+t, *]
         else:
-            c_kv[:, -t:], k_pe[:, -t:] = c, pe
-            c_all, pe_all = c_kv, k_pe
+            for old, add in zip(caches, new, strict=True):
+                old[:, -t:] = add
+            every = caches
+        c_all, pe_all = every[0], every[1]
         w = attn.kv_b_proj.weight.view(H, nope + v, r)
         # heads as the batch dim: [H, n*t, nope] @ [H, nope, r] -> queries in latent space, rows (t, h)
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, n * t, nope), w[:, :nope])
         q_lat = q_lat.view(H, n, t, r).permute(1, 2, 0, 3).reshape(n, t * H, r)
-        scores = torch.baddbmm(torch.bmm(q_pe.reshape(n, t * H, rope), pe_all.transpose(1, 2)),
-                               q_lat, c_all.transpose(1, 2)).float() * attn.scale  # [n, t*H, S + t]
-        if bias is not None:
-            scores = (scores.view(n, t, H, -1) + bias[:, :, None]).view(n, t * H, -1)
-        probs = scores.softmax(-1).to(c_all.dtype)
-        o_lat = torch.bmm(probs, c_all)  # [n, t*H, r]
-        o = torch.bmm(o_lat.view(n, t, H, r).permute(2, 0, 1, 3).reshape(H, n * t, r), w[:, nope:].transpose(1, 2))
-        return attn.o_proj(o.view(H, n, t, v).permute(1, 2, 0, 3).reshape(n, t, H * v)), c, pe
+        S = c_all.shape[1]
+        if attn.indexer is not None and attn.sparse and attn.indexer.topk < S:  # DSA: the top-k columns only
+            q_index, w_index = attn.indexer.queries(x, q_latent, cos, sin)
+            allowed = None if bias is None else bias == 0
+            idx, valid, _ = select(attn.indexer, q_index, w_index, every[2], allowed, attn.indexer.topk)
+            o_lat, _ = sparse_attention(q_lat.view(n, t, H, r), q_pe, c_all, pe_all, idx, valid, attn.scale)
+        else:
+            scores = torch.baddbmm(torch.bmm(q_pe.reshape(n, t * H, rope), pe_all.transpose(1, 2)),
+                                   q_lat, c_all.transpose(1, 2)).float() * attn.scale  # [n, t*H, S + t]
+            if bias is not None:
+                scores = (scores.view(n, t, H, -1) + bias[:, :, None]).view(n, t * H, -1)
+            probs = scores.softmax(-1).to(c_all.dtype)
+            o_lat = torch.bmm(probs, c_all)  # [n, t*H, r]
+        o = torch.bmm(o_lat.reshape(n, t, H, r).permute(2, 0, 1, 3).reshape(H, n * t, r),
+                      w[:, nope:].transpose(1, 2))
+        return attn.o_proj(o.view(H, n, t, v).permute(1, 2, 0, 3).reshape(n, t, H * v)), new
 
     def moe(self, moe, x: torch.Tensor) -> torch.Tensor:
         """Shared + routed experts of x [n, t, D], without data-dependent shapes."""

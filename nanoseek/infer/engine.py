@@ -2,7 +2,8 @@
 
 The cache holds, per layer, only the normed KV latent c_kv [kv_lora_rank] and the rotated rope key k_pe
 [qk_rope_head_dim] of every token (`LatentCache`, [L, max_batch, max_len, *]); decoding attends to it with the
-absorbed weights, so a token costs 576 numbers per layer for V3 instead of 40,960.
+absorbed weights, so a token costs 576 numbers per layer for V3 instead of 40,960. A DSA model (V3.2) also keeps
+its indexer's key [index_head_dim] per token and layer, and each query attends to its top-k columns only.
 
 Layout. Rows of the cache are sequences; columns are shared write positions. All rows write their next token at
 the same column, the *frontier* `f` (the model's `forward_cached(start=f)`), and a boolean `key_mask`
@@ -347,7 +348,7 @@ class Engine(Backend):
             self._ensure_penalties()
             for s in new:
                 self.penalties.reset_row(s.row, s.request.prompt)
-        view = LatentCache(self.cache.c_kv[:, rows, f - P:f], self.cache.k_pe[:, rows, f - P:f])
+        view = self.cache.view(rows, slice(f - P, f))
         padded = bool(pad.any())
         with torch.no_grad(), self._routing(any(s.request.routing for s in new)) as routes:
             h = self.model.forward_cached(ids, view, 0, key_mask=mask if padded else None,
@@ -403,7 +404,7 @@ class Engine(Backend):
 
     def view(self, n: int) -> LatentCache:
         """The cache of the first n rows (a view: the model writes through it)."""
-        return LatentCache(self.cache.c_kv[:, :n], self.cache.k_pe[:, :n])
+        return self.cache.view(slice(0, n))
 
     def mask(self, n: int, end: int) -> torch.Tensor | None:
         """key_mask of the first n rows, or None when every column up to `end` is real (the model's fast path)."""
@@ -476,8 +477,8 @@ class Engine(Backend):
 
     def _move_row(self, src: int, dst: int) -> None:
         f = self.frontier
-        self.cache.c_kv[:, dst, :f] = self.cache.c_kv[:, src, :f]
-        self.cache.k_pe[:, dst, :f] = self.cache.k_pe[:, src, :f]
+        for t in self.cache.tensors():
+            t[:, dst, :f] = t[:, src, :f]
         for t in (self.key_mask, self.positions, self.pending):
             t[dst] = t[src]
         if self.penalties is not None:
@@ -488,7 +489,7 @@ class Engine(Backend):
     def _shift_right(self, by: int) -> None:
         """Move every row's columns `by` to the right (a longer prompt joins the batch) and the frontier too."""
         n, f = len(self.rows), self.frontier
-        for t in (self.cache.c_kv, self.cache.k_pe):
+        for t in self.cache.tensors():
             t[:, :n, by:f + by] = t[:, :n, :f].clone()
         self.key_mask[:n, by:f + by] = self.key_mask[:n, :f].clone()
         self.key_mask[:n, :by] = False
@@ -504,7 +505,7 @@ class Engine(Backend):
         new_f = max(counts)
         for i, count in enumerate(counts):
             cols = self.key_mask[i, :f].nonzero().squeeze(1)
-            for t in (self.cache.c_kv, self.cache.k_pe):
+            for t in self.cache.tensors():
                 t[:, i, new_f - count:new_f] = t[:, i, cols]  # advanced indexing copies: overlap is safe
             self.key_mask[i] = False
             self.key_mask[i, new_f - count:new_f] = True

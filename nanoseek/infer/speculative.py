@@ -100,7 +100,7 @@ class MTPDrafter:
         e = self.engine
         f, P = e.frontier, ids.shape[1]
         next_ids = torch.cat([ids[:, 1:], first[:, None]], dim=1)
-        view = LatentCache(e.cache.c_kv[:, rows, f - P:f], e.cache.k_pe[:, rows, f - P:f])
+        view = e.cache.view(rows, slice(f - P, f))
         cols = torch.full((ids.shape[0],), P - 1, device=ids.device)
         logits = self._mtp_logits(h, next_ids, view, 0, key_mask, positions, cols)
         self._sample_drafts(logits, rows)

@@ -1,5 +1,8 @@
 """Model configuration with HF `DeepseekV3Config` field names, so `config.json` round-trips with transformers.
 
+`attention = "dsa"` is DeepSeek-V3.2: MLA plus the lightning indexer (`index_n_heads`, `index_head_dim`,
+`index_topk`, HF `DeepseekV32Config` names), written as `model_type = "deepseek_v32"`.
+
 Presets: `debug` (tests, <1M parameters), `mini` (the CPU distillation student), `tiny` (the CPU default),
 `small`, `base` (~0.6B, GPU) and `671B` (DeepSeek-V3 itself, configuration only).
 """
@@ -26,7 +29,9 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "n_group": (1, _COUNT), "topk_group": (1, _COUNT), "first_k_dense_replace": (0, _COUNT),
     "num_nextn_predict_layers": (0, _COUNT), "max_position_embeddings": (1, 1 << 24),
     "bos_token_id": (0, _WIDTH), "eos_token_id": (0, _WIDTH), "pad_token_id": (0, _WIDTH),
+    "index_n_heads": (1, _COUNT), "index_head_dim": (1, _WIDTH), "index_topk": (1, 1 << 24),
 }
+ATTENTIONS = ("mla", "dsa")
 _POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps", "routed_scaling_factor")
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
 
@@ -68,6 +73,12 @@ class ModelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
+    # DeepSeek Sparse Attention (V3.2): "dsa" adds a lightning indexer to every MLA layer, which scores all earlier
+    # tokens with index_n_heads small ReLU heads of index_head_dim and lets each query attend to its index_topk best
+    attention: str = "mla"  # "mla" | "dsa"
+    index_n_heads: int = 64  # V3.2's sizes (also transformers' defaults); the small presets set their own
+    index_head_dim: int = 128
+    index_topk: int = 2048
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF fields, written back unchanged
 
     def __post_init__(self) -> None:
@@ -90,6 +101,11 @@ class ModelConfig:
         self._check_types_and_ranges()
         if self.num_key_value_heads != self.num_attention_heads:
             raise bad("num_key_value_heads", f"must equal num_attention_heads={self.num_attention_heads} in MLA")
+        if self.attention not in ATTENTIONS:
+            raise bad("attention", f"expected one of {ATTENTIONS}")
+        if self.attention == "dsa" and self.index_head_dim < self.qk_rope_head_dim:
+            raise bad("index_head_dim", f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (its first "
+                      "qk_rope_head_dim dims rotate)")
         if self.hidden_act != "silu":
             raise bad("hidden_act", "is unsupported (DeepSeek-V3 uses 'silu')")
         if self.qk_rope_head_dim % 2:
@@ -164,13 +180,19 @@ class ModelConfig:
     # --- HF config.json round trip -------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "rope_scaling")}
+        dsa = d.pop("attention") == "dsa"  # the architecture says it: deepseek_v32 is MLA + indexer
+        if not dsa:
+            for name in _INDEX_FIELDS:
+                d.pop(name)
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.uses_yarn:
             rope = {**{k: v for k, v in self.rope_scaling.items() if k != "type"}, "rope_type": "yarn",
                     "rope_theta": self.rope_theta}
         d.pop("rope_theta")
         d["rope_parameters"] = rope
-        d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], torch_dtype="float32",
+        model_type, arch = ("deepseek_v32", "DeepseekV32ForCausalLM") if dsa else ("deepseek_v3",
+                                                                                   "DeepseekV3ForCausalLM")
+        d.update(model_type=model_type, architectures=[arch], torch_dtype="float32",
                  num_mtp_layers=self.num_nextn_predict_layers)
         d.pop("num_nextn_predict_layers")
         d["num_nextn_predict_layers"] = self.num_nextn_predict_layers  # DeepSeek's own name, kept for their tools
@@ -185,8 +207,13 @@ class ModelConfig:
         for key in ("rope_parameters", "rope_scaling"):
             if not isinstance(d.get(key) or {}, dict):
                 raise ValueError(f"config.json: {key}={d[key]!r} must be an object")
-        if d.get("model_type", "deepseek_v3") != "deepseek_v3":
-            raise ValueError(f"config.json: model_type={d['model_type']!r}, expected 'deepseek_v3'")
+        model_type = d.get("model_type", "deepseek_v3")
+        if model_type not in _MODEL_TYPES:
+            raise ValueError(f"config.json: model_type={model_type!r}, expected one of {tuple(_MODEL_TYPES)}")
+        if "attention" in d:
+            raise ValueError("config.json: 'attention' is not an HF field (model_type deepseek_v32 means DSA)")
+        d["attention"] = _MODEL_TYPES[model_type]
+        _check_layer_types(d)
         if d.get("topk_method", "noaux_tc") != "noaux_tc":
             raise ValueError(f"config.json: topk_method={d['topk_method']!r} is unsupported (expected 'noaux_tc')")
         if d.get("scoring_func", "sigmoid") != "sigmoid":
@@ -210,11 +237,32 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+_MODEL_TYPES = {"deepseek_v3": "mla", "deepseek_v32": "dsa"}  # model_type -> ModelConfig.attention
+_INDEX_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
+
+
+def _check_layer_types(d: dict[str, Any]) -> None:
+    """transformers' V3.2 config spells out per-layer patterns that nanoseek derives: `mlp_layer_types` (the first
+    first_k_dense_replace layers dense, then MoE) and `layer_types` (every layer indexed). Another pattern is a
+    model nanoseek cannot build: refuse it rather than silently build a different one."""
+    layers, k = d.get("num_hidden_layers", 6), d.get("first_k_dense_replace", 1)
+    if isinstance(layers, int) and isinstance(k, int):
+        mlp = d.get("mlp_layer_types")
+        if mlp is not None and mlp != ["dense"] * min(k, layers) + ["sparse"] * max(layers - k, 0):
+            raise ValueError(f"config.json: mlp_layer_types={mlp!r} is not first_k_dense_replace={k} dense layers "
+                             "then MoE (the only pattern nanoseek builds)")
+    kinds = set(d.get("layer_types") or [])
+    if kinds - {"indexed_attention"}:
+        raise ValueError(f"config.json: layer_types {sorted(kinds)} are unsupported (every layer of DeepSeek-V3.2 "
+                         "is 'indexed_attention')")
+
+
 # Fields transformers writes that follow from others (or describe the runtime); dropped when reading.
 _DERIVED_HF_FIELDS = {
     "model_type", "architectures", "torch_dtype", "dtype", "transformers_version", "qk_head_dim", "head_dim",
     "num_local_experts", "output_router_logits", "use_cache", "pretraining_tp", "attention_dropout",
     "topk_method", "scoring_func", "aux_loss_alpha", "seq_aux", "ep_size", "moe_layer_freq",
+    "mlp_layer_types", "layer_types",  # checked by _check_layer_types
 }
 
 
@@ -222,43 +270,48 @@ _DERIVED_HF_FIELDS = {
 # and the small models fail to learn even to copy a token for hundreds of steps. They use the common 0.02.
 SMALL_INIT_STD = 0.02
 
+# Each small preset carries an indexer for `attention = "dsa"` (unused under MLA), scaled down from V3.2's 64 heads
+# of 128 and top-2048 of a 128K context.
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests: well under 1M parameters, every feature on (q low-rank, 2 groups, dense + MoE layers, MTP).
     "debug": dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                   num_hidden_layers=2, num_attention_heads=2, n_routed_experts=8, num_experts_per_tok=2,
                   n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.0,
-                  max_position_embeddings=512, initializer_range=SMALL_INIT_STD),
+                  max_position_embeddings=512, initializer_range=SMALL_INIT_STD,
+                  index_n_heads=4, index_head_dim=16, index_topk=16),
     # The CPU default (~12M parameters with a 4K vocabulary).
     "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
                  num_hidden_layers=6, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=4,
                  n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=64,
                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=2048,
-                 initializer_range=SMALL_INIT_STD),
+                 initializer_range=SMALL_INIT_STD, index_n_heads=4, index_head_dim=32, index_topk=256),
     # The CPU student for distillation (~1.5M parameters with a 2K vocabulary): a quarter of tiny's width.
     "mini": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
                  num_hidden_layers=4, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
                  n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=2048,
-                 initializer_range=SMALL_INIT_STD),
+                 initializer_range=SMALL_INIT_STD, index_n_heads=4, index_head_dim=16, index_topk=128),
     # The default run's student for distillation (~0.4M parameters with a 2K vocabulary): half of mini's width.
     "micro": dict(vocab_size=2048, hidden_size=64, intermediate_size=192, moe_intermediate_size=32,
                   num_hidden_layers=4, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
                   n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=2048,
-                  initializer_range=SMALL_INIT_STD),
+                  initializer_range=SMALL_INIT_STD, index_n_heads=4, index_head_dim=16, index_topk=128),
     # A bigger CPU run.
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
                   num_hidden_layers=8, num_attention_heads=8, n_routed_experts=32, num_experts_per_tok=4,
                   n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=192, kv_lora_rank=128,
                   qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, routed_scaling_factor=2.5,
-                  max_position_embeddings=4096, initializer_range=SMALL_INIT_STD),
+                  max_position_embeddings=4096, initializer_range=SMALL_INIT_STD,
+                  index_n_heads=8, index_head_dim=64, index_topk=512),
     # A single-GPU model (~0.7B total parameters).
     "base": dict(vocab_size=32768, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512,
                  num_hidden_layers=16, num_attention_heads=16, n_routed_experts=64, num_experts_per_tok=6,
                  n_group=8, topk_group=4, first_k_dense_replace=1, q_lora_rank=384, kv_lora_rank=256,
                  qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, routed_scaling_factor=2.5,
-                 max_position_embeddings=4096, initializer_range=SMALL_INIT_STD),
+                 max_position_embeddings=4096, initializer_range=SMALL_INIT_STD,
+                 index_n_heads=16, index_head_dim=64, index_topk=1024),
     # DeepSeek-V3 as released (configuration only).
     "671B": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
                  num_hidden_layers=61, num_attention_heads=128, n_routed_experts=256, num_experts_per_tok=8,

@@ -78,3 +78,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+
+
+def apply_rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate dim i with dim i + rope/2 (the `rotate_half` layout), as DeepSeek-V3.2's indexer does, unlike MLA's
+    adjacent pairs. x: [B, T, ..., rope]; cos/sin: [T, rope/2] or [B, T, rope/2]."""
+    for _ in range(x.dim() - 3):
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -25,6 +25,7 @@ class ModelOutput:
     balance_loss: torch.Tensor | None = None  # Σ over MoE layers of Σ_i f_i P_i (not yet × α)
     expert_counts: torch.Tensor | None = None  # [n_moe_layers, E] routed (token, expert) pairs
     hidden: torch.Tensor | None = None  # [B, T, D] final normed hidden state (h^0 of MTP)
+    indexer_loss: torch.Tensor | None = None  # DSA: the indexers' KL, mean over layers (MTP's included)
 
 
 class Block(nn.Module):
@@ -41,8 +42,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
                 start: int = 0, key_mask: torch.Tensor | None = None, stats: bool = False
                 ) -> tuple[torch.Tensor, dict | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start, key_mask)
+        a, kl = self.attn(self.attn_norm(x), cos, sin, cache, start, key_mask, indexer_loss=stats)
+        x = x + a
         y, aux = self.feed_forward(x, stats)
+        if kl is not None:
+            aux = {**(aux or {}), "indexer_kl": kl}
         return x + y, aux
 
     def feed_forward(self, x: torch.Tensor, stats: bool = False) -> tuple[torch.Tensor, dict | None]:
@@ -120,10 +124,16 @@ class Transformer(nn.Module):
             auxes.append(aux)
             mtp_logits.append(self.head(m.norm(x)))
             h_prev = x
-        auxes = [a for a in auxes if a is not None]
-        counts = torch.stack([a["counts"] for a in auxes]) if auxes else None
-        balance = torch.stack([a["balance_loss"] for a in auxes]).sum() if auxes else logits.new_zeros(())
-        return ModelOutput(logits, mtp_logits, balance, counts, h)
+        moe = [a for a in auxes if a is not None and "counts" in a]
+        counts = torch.stack([a["counts"] for a in moe]) if moe else None
+        balance = torch.stack([a["balance_loss"] for a in moe]).sum() if moe else logits.new_zeros(())
+        kls = [a["indexer_kl"] for a in auxes if a is not None and "indexer_kl" in a]
+        return ModelOutput(logits, mtp_logits, balance, counts, h, torch.stack(kls).mean() if kls else None)
+
+    def sparse_attention(self, on: bool) -> None:
+        """DSA: attend to the indexer's top-k keys (on) or to all keys (off: V3.2's dense warm-up)."""
+        for block in [*self.blocks, *(m.block for m in self.mtp)]:
+            block.attn.sparse = on
 
     def forward_cached(self, input_ids: torch.Tensor, cache: LatentCache, start: int,
                        key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
