@@ -5,6 +5,10 @@
 λ follows V3's step schedule (0.3 for the first 10T of 14.8T tokens, then 0.1). The balancing bias rate γ
 (applied after each optimiser step, not part of L) is constant and then 0 for the final stretch of training
 (V3: γ = 0.001, 0 for the last 500B tokens), so routing is frozen while the learning rate anneals.
+
+DSA models (V3.2) add the indexers' KL (`nanoseek.model.dsa.indexer_kl`): its gradient reaches the indexers only
+and theirs only it (their inputs and target are detached), so it adds to L without a weight. In the dense
+warm-up it is the whole loss: only the indexers learn.
 """
 
 from __future__ import annotations
@@ -16,17 +20,19 @@ from nanoseek.model.mtp import mtp_loss
 from nanoseek.model.transformer import ModelOutput
 
 
-def pretrain_loss(out: ModelOutput, labels: torch.Tensor, mtp_lambda: float,
-                  balance_alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pretrain_loss(out: ModelOutput, labels: torch.Tensor, mtp_lambda: float, balance_alpha: float,
+                  indexer_only: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """out: the model's extras=True output for inputs [B, T]; labels [B, T] next-token targets (-100 = ignore).
+    indexer_only: DSA's dense warm-up, the indexers' KL alone.
 
-    Returns (total loss to backpropagate, detached parts: ce, mtp, balance (before α)).
+    Returns (total loss to backpropagate, detached parts: ce, mtp, balance (before α), indexer_kl (0 without DSA)).
     """
     ce = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
     mtp = mtp_loss(out.mtp_logits, labels)
     balance = out.balance_loss.float()
-    total = ce + mtp_lambda * mtp + balance_alpha * balance
-    return total, {"ce": ce.detach(), "mtp": mtp.detach(), "balance": balance.detach()}
+    kl = out.indexer_loss.float() if out.indexer_loss is not None else ce.new_zeros(())
+    total = kl if indexer_only else ce + mtp_lambda * mtp + balance_alpha * balance + kl
+    return total, {"ce": ce.detach(), "mtp": mtp.detach(), "balance": balance.detach(), "indexer_kl": kl.detach()}
 
 
 def mtp_lambda_at(step: int, total_steps: int, start: float, final: float, switch: float) -> float:

@@ -101,6 +101,10 @@ class PretrainConfig:
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
+    # DeepSeek Sparse Attention (model.attention = "dsa", V3.2): the first dsa_warmup_steps attend densely and train
+    # only the indexers (their KL to the main attention); then attention is sparse and the indexers keep learning
+    # by their KL on the keys they select
+    dsa_warmup_steps: int = 0
     time_budget_s: float = 0.0  # stop (validate, save) once training steps took this many seconds; 0: no limit
     # what the schedules (lr, MTP λ, bias rate γ) run on: "steps" (max_steps), or "time": whichever of steps
     # and seconds (time_budget_s) is further along, so a slower machine still ends its decay inside the budget
@@ -137,6 +141,8 @@ class PretrainConfig:
             raise bad("optimizer", f"expected one of {OPTIMIZERS}")
         if self.muon_adjust_lr not in ("match_rms_adamw", "original"):
             raise bad("muon_adjust_lr", "expected 'match_rms_adamw' or 'original'")
+        if self.dsa_warmup_steps < 0:
+            raise bad("dsa_warmup_steps", "must be >= 0")
         if self.muon_lr < 0 or self.time_budget_s < 0:
             raise bad("muon_lr" if self.muon_lr < 0 else "time_budget_s", "must be >= 0")
         if self.pipeline_microbatches < 0:
@@ -220,6 +226,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
         self.model = Transformer(model_config(recipe, self.tokenizer.vocab_size)).to(self.device)
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
+        self.dsa = self.model.config.attention == "dsa"
+        if cfg.dsa_warmup_steps and not self.dsa:
+            raise ValueError(f"[pretrain] dsa_warmup_steps={cfg.dsa_warmup_steps}: needs model.attention='dsa'")
+        if self.dsa and (par.pp > 1 or (cfg.dsa_warmup_steps and par.world_size > 1)):
+            raise ValueError("[pretrain] model.attention='dsa' trains on one process (with dsa_warmup_steps) and "
+                             "without --pipeline-parallel (stages do not carry the indexers' KL)")
         if cfg.fp8:
             convert_to_float8(self.model, cfg.fp8)
         bf16 = cfg.precision == "bf16"
@@ -276,8 +288,11 @@ class Trainer:
         for opt, peak in zip(self.optimizers, self.peak_lrs, strict=True):
             set_lr(opt, peak * multiplier)
         t0 = time.perf_counter()
-        parts = torch.zeros(3, dtype=torch.float64, device=self.device)  # ce, mtp, balance
+        parts = torch.zeros(4, dtype=torch.float64, device=self.device)  # ce, mtp, balance, indexer KL
         counts = None
+        warm = self.dsa and self.step < cfg.dsa_warmup_steps  # DSA's dense warm-up: only the indexers learn
+        if self.dsa:
+            self.model.sparse_attention(not warm)
         if self.pipeline:  # the schedule runs all micro-batches of the step
             rows = torch.cat([next(self.loader) for _ in range(self.accum)]).to(self.device)  # [accum·B, T+1]
             with self.autocast():
@@ -288,9 +303,9 @@ class Trainer:
             with self.gradient_sync(micro == self.accum - 1):
                 with self.autocast():
                     out = self.forward_model(inputs, extras=True)
-                    loss, p = pretrain_loss(out, labels, lam, cfg.balance_alpha)
+                    loss, p = pretrain_loss(out, labels, lam, cfg.balance_alpha, indexer_only=warm)
                 (loss / self.accum).backward()
-            parts += torch.stack([p["ce"], p["mtp"], p["balance"]]).double() / self.accum
+            parts += torch.stack([p["ce"], p["mtp"], p["balance"], p["indexer_kl"]]).double() / self.accum
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
         reduce_expert_grads(par)
@@ -302,7 +317,7 @@ class Trainer:
         if finite:
             for opt in self.optimizers:
                 opt.step()
-            if counts is not None and gamma > 0:
+            if counts is not None and gamma > 0 and not warm:
                 # under pipeline parallelism each stage updates the layers it holds
                 update_bias(self.model, counts[self.pipeline.moe_rows] if self.pipeline else counts, gamma)
             self.bad_steps = 0
@@ -319,9 +334,11 @@ class Trainer:
         tps = cfg.global_batch_tokens / elapsed
         record: dict[str, Any] = {"step": self.step}
         if finite:
-            ce, mtp, bal = parts.tolist()
+            ce, mtp, bal = parts[:3].tolist()
             record.update(loss=ce, mtp_loss=mtp, balance_loss=bal,
                           total_loss=ce + lam * mtp + cfg.balance_alpha * bal)
+            if self.dsa:
+                record.update(indexer_kl=parts[3].item(), dsa_phase="warmup" if warm else "sparse")
         else:
             what = "loss" if not torch.isfinite(parts).all() else "gradient norm"
             record.update(loss=None, event="skipped", reason=f"non-finite {what}")
@@ -350,7 +367,7 @@ class Trainer:
         self.model.eval()
         loader = TokenLoader(self.tokens_dir, "val", cfg.seq_len, cfg.micro_batch, par.dp_rank, par.dp_size,
                              seed=cfg.seed)
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # nats, tokens, bytes, mtp nats·n, n
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # nats, tokens, bytes, mtp nats·n, n, KL
         counts, mtp_hits = None, None
         for _ in range(max(1, cfg.val_batches // par.dp_size)):
             batch = next(loader).to(self.device)
@@ -367,15 +384,19 @@ class Trainer:
                 sums[3] += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(),
                                                              reduction="sum").double()
                 sums[4] += target.numel()
+            if out.indexer_loss is not None:
+                sums[5] += out.indexer_loss.double()
             hits = torch.tensor(mtp_accuracy(out, labels), dtype=torch.float64, device=self.device).reshape(-1, 2)
             mtp_hits = hits if mtp_hits is None else mtp_hits + hits
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
         par.all_reduce(sums)
         self.model.train()
-        nats, tokens, nbytes, mtp_nats, mtp_n = sums.tolist()
+        nats, tokens, nbytes, mtp_nats, mtp_n, kl = sums.tolist()
         result: dict[str, Any] = {"step": self.step, "val_loss": nats / tokens,
                                   "val_bpb": nats / (math.log(2) * nbytes) if nbytes else None}
+        if self.dsa:
+            result["val_indexer_kl"] = kl / (par.dp_size * max(1, cfg.val_batches // par.dp_size))
         if mtp_n:
             mtp_hits = par.all_reduce(mtp_hits)
             result.update(val_mtp_loss=mtp_nats / mtp_n, val_mtp_acc=(mtp_hits[:, 0] / mtp_hits[:, 1]).tolist())
