@@ -1,0 +1,52 @@
+"""VL stages on the post-training loop: a VL checkpoint assembled from a text one (tokenizer and embedding grow by
+`<image>`), projector alignment that moves the projector only, joint training that learns, and the held-out image
+evaluation on its output."""
+
+import json
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.data.synth.images import write_image_set
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.eval.vl import evaluate_images
+from nanoseek.model.vl import VLModel
+from nanoseek.posttrain.vl import build_vl, vl_train
+
+
+@pytest.mark.slow  # ~25 s on a shared 2-core CPU
+def test_build_align_train_evaluate(policy_dir, tmp_path):
+    text = nanoseek.load(policy_dir)
+    vl_dir = build_vl(policy_dir, tmp_path / "vl", "vl-debug")
+    tok = Tokenizer.load(vl_dir)
+    vl = nanoseek.load(vl_dir)
+    assert isinstance(vl, VLModel) and tok.image_id == Tokenizer.load(policy_dir).vocab_size
+    assert vl.config.vocab_size == text.config.vocab_size + 1
+    assert torch.equal(vl.embed.weight[:-1], text.embed.weight)  # the text model's weights, kept
+    ids = torch.tensor([Tokenizer.load(policy_dir).encode("3 + 4 =")])
+    with torch.no_grad():
+        assert torch.allclose(vl(ids)[..., :-1], text(ids), atol=1e-6)
+
+    data = write_image_set(tmp_path / "images", {"shapes": 12, "ocr": 4}, 0)
+    recipe = {"vl_align": {"train": ["projector"], "max_steps": 4, "batch_size": 4, "lr": 1e-2, "val_fraction": 0.0,
+                           "threads": 1},
+              "vl_sft": {"train": ["projector", "vision", "language"], "max_steps": 30, "batch_size": 16,
+                         "lr": 3e-3, "warmup_steps": 0, "val_fraction": 0.0, "threads": 1}}
+    aligned = vl_train(recipe, tmp_path / "align", vl_dir, [data], "vl_align", progress=False)
+    after = nanoseek.load(aligned)
+    assert isinstance(after, VLModel) and (aligned / "tokenizer.json").exists()
+    for name, t in vl.state_dict().items():
+        same = torch.equal(t, after.state_dict()[name])
+        assert same != name.startswith("projector."), name  # the projector moved, nothing else did
+
+    trained = vl_train(recipe, tmp_path / "sft", aligned, [data], "vl_sft", progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses[-1] < 0.5 * losses[0]  # 16 conversations, 30 steps: memorised
+
+    records = [json.loads(line) for line in data.read_text().splitlines()][:6]
+    result = evaluate_images(nanoseek.load(trained), tok, records, root=data.parent)
+    assert sum(t["n"] for t in result["tasks"].values()) == 6
+    for t in result["tasks"].values():
+        assert 0 <= t["ci95"][0] <= t["accuracy"] <= t["ci95"][1] <= 1
