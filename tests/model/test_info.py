@@ -19,3 +19,26 @@ def test_model_info_cli(capsys):
     assert main(["model-info", "--preset", "671B"]) == 0
     out = capsys.readouterr().out
     assert "671.03B" in out and "MLA 576" in out
+
+
+def test_plan_671b_on_2048_ranks(capsys):
+    from nanoseek.model.plan import bubble_fraction, plan_layout
+
+    layout = plan_layout(preset("671B"), 16, 64, 2, "dualpipev", 4096, 1, 15360 * 4096)
+    assert layout["world"] == 2048 and layout["microbatches"] == 120 and len(layout["ranks"]) == 16
+    # every layer on exactly one rank; 1/ep of the routed experts per rank: the ranks' parameters add up to the model
+    info = model_info(preset("671B"))
+    total = sum(r["params"] for r in layout["ranks"])
+    expert = info["total_params"] + info["mtp_params"] - total  # what the 63 other ep ranks hold
+    assert 0 < expert / 63 < total
+    assert bubble_fraction("1f1b", 16, 120) == 15 / 135
+    assert bubble_fraction("dualpipev", 16, 120) < bubble_fraction("zbv", 16, 120) * 3 < bubble_fraction("1f1b", 16, 120)
+    assert main(["model-info", "--preset", "671B", "--plan", "pp=16,ep=64,dp=2"]) == 0
+    out = capsys.readouterr().out
+    assert "2048 ranks" in out and "bubble 4.0%" in out
+    try:
+        main(["model-info", "--preset", "671B", "--plan", "pp=16,ep=65"])
+    except SystemExit as e:
+        assert "ep=65" in str(e)
+    else:
+        raise AssertionError("a bad --plan must exit with a message")
