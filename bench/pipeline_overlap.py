@@ -97,8 +97,8 @@ def main() -> None:
     line = (f"rank {par.rank} (pp {par.pp_rank}, ep {par.ep_rank}) overlap={'off' if args.no_overlap else 'on'}: "
             f"{args.steps} steps {wall / 1e6:.2f}s, all-to-all {length(comm_union) / 1e6:.3f}s on "
             f"{len(a2a)} thread(s), compute {length(union([s for c in compute.values() for s in c])) / 1e6:.3f}s, "
-            f"all-to-all while another thread computes {both / 1e6:.3f}s ({100 * both / max(1.0, length(comm_union)):.0f}%"
-            f" of all-to-all time), threads {len(threads)}")
+            f"all-to-all while another thread computes {both / 1e6:.3f}s "
+            f"({100 * both / max(1.0, length(comm_union)):.0f}% of all-to-all time), threads {len(threads)}")
     lines = par.all_gather_object(line)
     if par.is_main:
         print("\n".join(lines))

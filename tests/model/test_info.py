@@ -32,7 +32,8 @@ def test_plan_671b_on_2048_ranks(capsys):
     expert = info["total_params"] + info["mtp_params"] - total  # what the 63 other ep ranks hold
     assert 0 < expert / 63 < total
     assert bubble_fraction("1f1b", 16, 120) == 15 / 135
-    assert bubble_fraction("dualpipev", 16, 120) < bubble_fraction("zbv", 16, 120) * 3 < bubble_fraction("1f1b", 16, 120)
+    dualpipev, zbv, one_f_one_b = (bubble_fraction(s, 16, 120) for s in ("dualpipev", "zbv", "1f1b"))
+    assert zbv < dualpipev < one_f_one_b
     assert main(["model-info", "--preset", "671B", "--plan", "pp=16,ep=64,dp=2"]) == 0
     out = capsys.readouterr().out
     assert "2048 ranks" in out and "bubble 4.0%" in out
