@@ -504,6 +504,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set + ([f"run.seed={args.seed}"] if args.seed is not None else []))
+    if "vl" in recipe:  # a vision-language recipe (vl, vl-debug): its own stages
+        from nanoseek.vl_pipeline import main as vl_main
+
+        return vl_main(recipe, args.out, progress=not args.no_progress)
     stages = run_pipeline(recipe, args.out, progress=not args.no_progress)
     total = sum(s["wall_seconds"] for s in stages)
     print(f"\nall stages done in {total / 60:.1f} min -> {args.out}")

@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nanoseek"
 LAYERS = {"common": 0, "config": 0, "rewards": 0, "model": 1, "data": 1, "train": 2, "infer": 2, "posttrain": 3,
-          "eval": 4, "pipeline": 5, "refine": 5, "cli": 5, "__main__": 5, "": 5}
+          "eval": 4, "pipeline": 5, "vl_pipeline": 5, "refine": 5, "cli": 5, "__main__": 5, "": 5}
 FORBIDDEN = {("eval", "posttrain")}  # evaluation measures models through infer, whatever stage made them
 
 
