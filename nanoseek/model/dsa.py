@@ -63,11 +63,12 @@ class Indexer(nn.Module):
         return q.float(), w
 
     def scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """queries [B, T, n_I, d_I], weights [B, T, n_I], keys [B, S, d_I] -> I [B, T, S] (fp32). The same
-        operations in the same order as transformers, so that equal inputs give bit-equal scores and top-k ties
-        break alike."""
-        s = F.relu(torch.matmul(q, keys.float().transpose(-1, -2).unsqueeze(1)) * self.scale)  # [B, T, n_I, S]
-        return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)
+        """queries [B, T, n_I, d_I], weights [B, T, n_I], keys [B, S, d_I] -> I [B, T, S] (fp32). One GEMM over
+        all (query, head) rows, the scale folded into q (transformers broadcasts a [n_I, d_I] matmul per query
+        and scales after: the same sums up to rounding, ~2x slower on CPU), then the weighted sum over heads."""
+        B, T, n, d = q.shape
+        s = torch.bmm((q * self.scale).reshape(B, T * n, d), keys.float().transpose(1, 2))  # [B, T·n_I, S]
+        return torch.matmul(w.unsqueeze(-2), F.relu_(s).view(B, T, n, -1)).squeeze(-2)
 
 
 def select(indexer: Indexer, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None,
@@ -107,13 +108,17 @@ def sparse_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor
     columns: O(T·k·H·(r + rope)) instead of O(T·S·...).
     """
     B, T, H, r = q_lat.shape
-    k = idx.shape[-1]
-    rows = torch.arange(B, device=idx.device)[:, None, None]
-    step = max(1, CHUNK_ELEMENTS // (B * k * (r + k_pe.shape[-1] + H)))
+    S, k, rope = c_kv.shape[1], idx.shape[-1], k_pe.shape[-1]
+    # gather rows of the flattened [B·S, *] latents (index_select: ~1.5x faster than advanced indexing on CPU)
+    flat = idx + torch.arange(B, device=idx.device)[:, None, None] * S
+    c_rows, pe_rows = c_kv.reshape(B * S, r), k_pe.reshape(B * S, rope)
+    step = max(1, CHUNK_ELEMENTS // (B * k * (r + rope + H)))
     outs, probs = [], []
     for t0 in range(0, T, step):
-        cols = idx[:, t0:t0 + step]
-        c_sel, pe_sel = c_kv[rows, cols], k_pe[rows, cols]  # [B, t, k, r], [B, t, k, rope]
+        cols = flat[:, t0:t0 + step]
+        shape = (*cols.shape, -1)
+        c_sel = c_rows.index_select(0, cols.flatten()).view(shape)  # [B, t, k, r]
+        pe_sel = pe_rows.index_select(0, cols.flatten()).view(shape)  # [B, t, k, rope]
         scores = (torch.matmul(q_lat[:, t0:t0 + step], c_sel.transpose(-1, -2))
                   + torch.matmul(q_pe[:, t0:t0 + step], pe_sel.transpose(-1, -2))).float() * scale  # [B, t, H, k]
         if valid is not None:
