@@ -34,7 +34,7 @@ RECIPE_TABLES = frozenset({
     "sft_cold", "grpo_reasoning", "grpo_final",  # nanoseek r1's stages, with [rejection] and [sft]
     "run", "grpo_zero", "grpo_r1", "student_pretrain", "grpo_student", "eval",  # nanoseek run's own tables
     "refine",  # nanoseek refine, with [dpo] and [sft]
-    "vl", "vl_align", "vl_sft",  # nanoseek run --recipe vl (nanoseek.vl_pipeline)
+    "vl", "vl_align", "vl_sft", "vl_grpo",  # nanoseek run --recipe vl (nanoseek.vl_pipeline)
 })
 _KEY_PART = re.compile(r"[A-Za-z0-9_-]+")  # a TOML bare key
 

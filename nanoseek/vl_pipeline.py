@@ -5,6 +5,7 @@
     OUT/vl_init/     the VL checkpoint: the text model + `<image>` + a SigLIP tower + a fresh projector
     OUT/vl_align/    projector alignment: vision and language frozen                                   [vl_align]
     OUT/vl_sft/      joint VL training on the built-in image conversations                             [vl_sft]
+    OUT/vl_grpo/     GRPO on verifiable image questions (chart QA, counting)                           [vl_grpo]
     OUT/vl_eval/     held-out image tasks (95% intervals) and the text tasks' pass@1 before and after  [vl]
     OUT/vl_report.md the report card (vl_report.json, report_plots/vl_samples.png)
 
@@ -27,7 +28,7 @@ from nanoseek.data.curate.images import curate_images
 from nanoseek.data.synth.images import SCENES, write_image_set
 from nanoseek.model.vl import VL_PRESETS
 from nanoseek.pipeline import Run, stage_data, stage_pretrain, stage_sft
-from nanoseek.posttrain.vl import VLTrainConfig, build_vl, vl_train
+from nanoseek.posttrain.vl import VLGRPOConfig, VLTrainConfig, build_vl, vl_grpo, vl_train
 
 # the held-out targets of issue #18: task -> required accuracy
 TARGETS = {"ocr": 0.9, "shapes_colour": 0.9, "shapes_count": 0.9, "chart_largest": 0.7, "chart_value": 0.7}
@@ -69,6 +70,9 @@ def check_vl_recipe(recipe: dict[str, Any]) -> VLRunConfig:
         if section not in recipe:
             raise ValueError(f"recipe {recipe.get('name', '?')!r} has no [{section}] table (see recipes/vl.toml)")
         from_dict(VLTrainConfig, recipe[section], section).validate(section)
+    if "vl_grpo" not in recipe:
+        raise ValueError(f"recipe {recipe.get('name', '?')!r} has no [vl_grpo] table (see recipes/vl.toml)")
+    from_dict(VLGRPOConfig, recipe["vl_grpo"], "vl_grpo").validate("vl_grpo")
     return cfg
 
 
@@ -115,6 +119,19 @@ def stage_vl_train(run: Run, name: str, init: str) -> dict[str, Any]:
     return {"dir": name, "checkpoint": run.rel(ckpt), "metrics": metrics}
 
 
+def stage_vl_grpo(run: Run) -> dict[str, Any]:
+    out = _fresh(run, "vl_grpo")
+    ckpt = vl_grpo(run.recipe, out, run.checkpoint("vl_sft"), [run.out / run.done("vl_data")["train"]],
+                   progress=run.progress)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    k = max(1, len(steps) // 4)
+    metrics = {"steps": len(steps), "reward_first_quarter": sum(r["reward"] for r in steps[:k]) / k,
+               "reward_last_quarter": sum(r["reward"] for r in steps[-k:]) / k,
+               "no_signal_steps": sum(r.get("no_signal", 0) for r in steps)}
+    return {"dir": "vl_grpo", "checkpoint": run.rel(ckpt), "metrics": metrics}
+
+
 def stage_vl_eval(run: Run, cfg: VLRunConfig) -> dict[str, Any]:
     import nanoseek
     from nanoseek.data.tokenizer import Tokenizer
@@ -122,7 +139,7 @@ def stage_vl_eval(run: Run, cfg: VLRunConfig) -> dict[str, Any]:
     from nanoseek.eval.vl import evaluate_images
 
     out = _fresh(run, "vl_eval")
-    final = run.checkpoint("vl_sft")
+    final = run.checkpoint("vl_grpo")
     held = run.out / run.done("vl_data")["eval"]
     records = [json.loads(line) for line in held.read_text().splitlines()]
     images = evaluate_images(nanoseek.load(final), Tokenizer.load(final), records, root=held.parent)
@@ -170,7 +187,7 @@ def stage_vl_report(run: Run, cfg: VLRunConfig) -> dict[str, Any]:
     images = json.loads((run.stage_dir("vl_eval") / "images.json").read_text())
     text = json.loads((run.stage_dir("vl_eval") / "text.json").read_text())
     stages = {}
-    for name in ("data", "pretrain", "sft", "vl_data", "vl_init", "vl_align", "vl_sft", "vl_eval"):
+    for name in ("data", "pretrain", "sft", "vl_data", "vl_init", "vl_align", "vl_sft", "vl_grpo", "vl_eval"):
         if (done := run.done(name)) is not None:
             stages[name] = done["wall_seconds"]
     held = run.out / run.done("vl_data")["eval"]
@@ -218,6 +235,7 @@ def run_vl(recipe: dict[str, Any], out: str | Path, progress: bool = True) -> li
     vl_stages = [("vl_data", lambda _: stage_vl_data(run, cfg)), ("vl_init", lambda _: stage_vl_init(run, cfg)),
                  ("vl_align", lambda _: stage_vl_train(run, "vl_align", "vl_init")),
                  ("vl_sft", lambda _: stage_vl_train(run, "vl_sft", "vl_align")),
+                 ("vl_grpo", lambda _: stage_vl_grpo(run)),
                  ("vl_eval", lambda _: stage_vl_eval(run, cfg)), ("vl_report", lambda _: stage_vl_report(run, cfg))]
     return done + [run.run_stage(name, fn) for name, fn in vl_stages]
 
@@ -230,5 +248,5 @@ def main(recipe: dict[str, Any], out: Path, progress: bool = True) -> int:
     for t, m in report["image_tasks"].items():
         print(f"  {t}: {m['accuracy']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]")
     print(f"report card: {out / 'vl_report.md'}")
-    print(f"the VL model: {out / json.loads((out / 'vl_sft' / 'stage.json').read_text())['checkpoint']}")
+    print(f"the VL model: {out / json.loads((out / 'vl_grpo' / 'stage.json').read_text())['checkpoint']}")
     return 0

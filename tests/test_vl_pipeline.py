@@ -22,7 +22,8 @@ def test_vl_debug_run(tmp_path):
                            "--no-progress"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for stage in ("data", "pretrain", "sft", "vl_data", "vl_init", "vl_align", "vl_sft", "vl_eval", "vl_report"):
+    for stage in ("data", "pretrain", "sft", "vl_data", "vl_init", "vl_align", "vl_sft", "vl_grpo", "vl_eval",
+                  "vl_report"):
         assert (out / stage / "stage.json").exists(), stage
     manifest = json.loads((out / "vl_data" / "curated" / "manifest.json").read_text())
     t = manifest["totals"]

@@ -4,6 +4,12 @@ alignment and joint VL fine-tuning (a `Stage` whose loss is SFT's `assistant_los
     build_vl(text_ckpt, out, preset)   text LM + tokenizer with `<image>` + a SigLIP tower + a fresh projector
     vl_train(recipe, out, section=...) e.g. [vl_align] train = ["projector"]: vision and language frozen
                                             [vl_sft]   train = ["projector", "vision"] (+ "language")
+    vl_grpo(recipe, out)               [vl_grpo]: GRPO on verifiable image questions (chart QA, counting)
+
+GRPO here is on-policy (μ = 1, no reference model): each step samples `num_generations` answers to each of
+`prompts_per_step` image questions, rewards them with the rewards' `accuracy_reward` (a direct answer is its
+whole text: it is read as `<answer>text</answer>`), normalises within each group (`group_advantages`) and takes one
+step on `grpo_loss`. A step whose groups all have equal rewards has no signal and makes no optimizer step.
 
 Data: JSONL of `{"image": path, "messages": [...]}` or `{"image": path, "text": ...}` (a caption: the user turn is
 the image alone), paths relative to the file; each conversation holds one `<image>` (prepended to its first user
@@ -26,13 +32,16 @@ from typing import Any
 import torch
 
 from nanoseek.common import pick_device, read_jsonl
+from nanoseek.infer.vl import answer_images
 from nanoseek.data.curate.images import open_image
 from nanoseek.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from nanoseek.model.vision import load_vision, to_pixels
 from nanoseek.model.vl import VLModel, vl_preset
 from nanoseek.posttrain.loop import Stage, TrainConfig, prepare, run, start, threads
+from nanoseek.posttrain.losses import group_advantages, grpo_loss
 from nanoseek.posttrain.sft import Example, assistant_loss, pack, validate_messages
-from nanoseek.posttrain.stage import load_policy, skipped_note, split_validation
+from nanoseek.posttrain.stage import load_policy, pad_right, sequence_logps, skipped_note, split_validation
+from nanoseek.rewards import accuracy_reward
 from nanoseek.train.optim import build_optimizer
 
 PARTS = ("projector", "vision", "language")
@@ -208,3 +217,89 @@ def vl_train(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | Non
                       "trainable_params": trainable}
         return run(stage, cfg, out, section, recipe, policy, optimizer, total, cfg.val_every, False, progress,
                    data=data_event, validate_first=True)
+
+
+@dataclass
+class VLGRPOConfig(TrainConfig):
+    data: list[str] = field(default_factory=list)  # image question JSONL ({image, question, answer, task})
+    tasks: list[str] = field(default_factory=lambda: ["chart_largest", "chart_value", "shapes_count"])
+    train: list[str] = field(default_factory=lambda: ["projector", "vision"])
+    prompts_per_step: int = 8
+    num_generations: int = 8
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    scale_rewards: str = "group"
+    lr: float = 1e-4
+    max_steps: int = 20
+
+    def validate(self, section: str = "vl_grpo") -> None:
+        super().validate(section)
+        if sorted(set(self.train) - set(PARTS)) or not self.train:
+            raise ValueError(f"[{section}] train={self.train}: name one or more of {PARTS}")
+        for name in ("prompts_per_step", "num_generations", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"[{section}] {name}={getattr(self, name)} must be >= 1")
+        if self.num_generations < 2:
+            raise ValueError(f"[{section}] num_generations={self.num_generations}: a group needs 2 or more")
+        if self.temperature <= 0:
+            raise ValueError(f"[{section}] temperature={self.temperature} must be > 0 (GRPO samples)")
+
+
+class VLGRPOStage(Stage):
+    def __init__(self, cfg: VLGRPOConfig, model: VLModel, tokenizer: Tokenizer, pool: list[dict[str, Any]],
+                 device: torch.device):
+        self.cfg, self.model, self.tok, self.pool, self.device = cfg, model, tokenizer, pool, device
+        self.rng = random.Random(cfg.seed)
+
+    def train_step(self, step: int, optimizer_step) -> dict[str, Any]:
+        cfg, G = self.cfg, self.cfg.num_generations
+        picks = self.rng.sample(self.pool, min(cfg.prompts_per_step, len(self.pool)))
+        questions = [r["question"] for r in picks for _ in range(G)]
+        images = [r["pil"] for r in picks for _ in range(G)]
+        golds = [r["answer"] for r in picks for _ in range(G)]
+        self.model.eval()
+        outs = answer_images(self.model, self.tok, questions, images, cfg.max_new_tokens, cfg.temperature,
+                             seed=cfg.seed * 100_003 + step)
+        self.model.train()
+        rewards = accuracy_reward([f"<answer>{text}</answer>" for _, _, text in outs], answer=golds)
+        advantages, zero_std = group_advantages(torch.tensor(rewards), G, cfg.scale_rewards)
+        metrics = {"reward": sum(rewards) / len(rewards), "frac_reward_zero_std": float(zero_std.float().mean()),
+                   "completion_length": sum(len(c) for _, c, _ in outs) / len(outs)}
+        if bool(zero_std.all()):
+            return {**metrics, "loss": 0.0, "no_signal": 1}
+        ids = pad_right([p + c for p, c, _ in outs], self.tok.pad_id).to(self.device)
+        target = pad_right([[0] * len(p) + [1] * len(c) for p, c, _ in outs], 0).to(self.device)
+        pixels = to_pixels(images, self.model.vl_config.vision.image_size).to(self.device)
+        logps, mask = sequence_logps(functools.partial(self.model, images=pixels), ids, target)
+        loss, stats = grpo_loss(logps, None, advantages.to(self.device), mask)
+        loss.backward()
+        return {**metrics, "loss": loss.item(), "no_signal": 0, "clip_frac": float(stats["clip_frac"]),
+                "grad_norm": optimizer_step()}
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {"reward": f"{metrics['reward']:.3f}"}
+
+
+def vl_grpo(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | None = None,
+            data: Sequence[str | Path] | None = None, section: str = "vl_grpo", progress: bool = True) -> Path:
+    """GRPO of the VL model `init` on the recipe's image question tasks; returns the final checkpoint."""
+    cfg, out, init = prepare(VLGRPOConfig, recipe, section, out_dir, init, resume=False)
+    paths = [Path(p) for p in (data or cfg.data)]
+    pool = []
+    for path in paths:
+        for _, r in read_jsonl(path):
+            if r.get("task") in cfg.tasks and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str):
+                image = Path(r["image"])
+                pool.append({**r, "pil": open_image(image if image.is_absolute() else path.parent / image)})
+    if not pool:
+        raise ValueError(f"[{section}] no image questions of tasks {cfg.tasks} in {[str(p) for p in paths]}")
+    with threads(cfg.threads):
+        policy = start(cfg, init)
+        if not isinstance(policy.model, VLModel):
+            raise ValueError(f"[{section}] init={init}: not a VL checkpoint")
+        set_trainable(policy.model, cfg.train)
+        stage = VLGRPOStage(cfg, policy.model, policy.tokenizer, pool, pick_device(cfg.device))
+        optimizer = build_optimizer(policy.model, cfg.lr, cfg.weight_decay)
+        recipe = {**recipe, section: asdict(cfg) | {"init": init, "data": [str(p) for p in paths]}}
+        return run(stage, cfg, out, section, recipe, policy, optimizer, cfg.max_steps, 0, False, progress,
+                   data={"prompts": len(pool)})

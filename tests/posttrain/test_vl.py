@@ -12,7 +12,7 @@ from nanoseek.data.synth.images import write_image_set
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.eval.vl import evaluate_images
 from nanoseek.model.vl import VLModel
-from nanoseek.posttrain.vl import build_vl, vl_train
+from nanoseek.posttrain.vl import build_vl, vl_grpo, vl_train
 
 
 @pytest.mark.slow  # ~25 s on a shared 2-core CPU
@@ -44,6 +44,19 @@ def test_build_align_train_evaluate(policy_dir, tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert losses[-1] < 0.5 * losses[0]  # 16 conversations, 30 steps: memorised
+
+    recipe["vl_grpo"] = {"tasks": ["shapes_count", "ocr"], "prompts_per_step": 3, "num_generations": 4,
+                         "max_new_tokens": 4, "max_steps": 3, "lr": 1e-3, "threads": 1}
+    before = nanoseek.load(trained)
+    rl = vl_grpo(recipe, tmp_path / "grpo", trained, [data], progress=False)
+    steps = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()
+             if '"reward"' in line]
+    assert len(steps) == 3 and all(0 <= s["reward"] <= 1 for s in steps)
+    moved = [k for k, t in nanoseek.load(rl).state_dict().items() if not torch.equal(t, before.state_dict()[k])]
+    if any(s["no_signal"] == 0 for s in steps):  # a step with signal moves the tower or projector, nothing else
+        assert moved and all(k.startswith(("vision.", "projector.")) for k in moved)
+    else:
+        assert moved == []
 
     records = [json.loads(line) for line in data.read_text().splitlines()][:6]
     result = evaluate_images(nanoseek.load(trained), tok, records, root=data.parent)
