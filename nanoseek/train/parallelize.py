@@ -167,8 +167,12 @@ def apply_ddp(module: nn.Module, par: Parallel) -> nn.Module:
     return DDP(module, device_ids=device_ids, process_group=par.dp_mesh.get_group(), **no_sync)
 
 
-def apply_fsdp(root: nn.Module, blocks: list[nn.Module], par: Parallel, param_dtype: torch.dtype | None) -> None:
-    """FSDP2 over the data-parallel ranks: each decoder block, then `root` (the model, or a pipeline stage)."""
+def apply_fsdp(root: nn.Module, blocks: list[nn.Module], par: Parallel, param_dtype: torch.dtype | None,
+               reshard_after_forward: bool = True) -> None:
+    """FSDP2 over the data-parallel ranks: each decoder block, then `root` (the model, or a pipeline stage).
+
+    reshard_after_forward=False keeps gathered blocks until the pipeline schedule's RESHARD action (see
+    train/pipeline.py: the split backward of zbv/dualpipev needs them gathered between forward and backward)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -179,8 +183,10 @@ def apply_fsdp(root: nn.Module, blocks: list[nn.Module], par: Parallel, param_dt
             if block.is_moe:
                 fully_shard(block.ffn.gate, mesh=par.dp_mesh, mp_policy=fp32)
     for block in blocks:
-        fully_shard(block, mesh=par.dp_mesh, mp_policy=mp, ignored_params=ignored)
-    fully_shard(root, mesh=par.dp_mesh, mp_policy=mp, ignored_params=ignored)
+        fully_shard(block, mesh=par.dp_mesh, mp_policy=mp, ignored_params=ignored,
+                    reshard_after_forward=reshard_after_forward)
+    fully_shard(root, mesh=par.dp_mesh, mp_policy=mp, ignored_params=ignored,
+                reshard_after_forward=reshard_after_forward)
 
 
 # --- expert parallelism -------------------------------------------------------------------------------------

@@ -160,9 +160,6 @@ class Pipeline:
         if schedule not in SCHEDULES:
             raise ValueError(f"--pp-schedule {schedule!r}: expected one of {list(SCHEDULES)}")
         cls, per_rank, self.style = SCHEDULES[schedule]
-        if par.mode == "fsdp" and self.style == "v":  # measured: 1e-5 off in the first grad norm, 3e-4 by step 11
-            raise ValueError(f"--parallel fsdp with --pp-schedule {schedule}: the gradients drift from the "
-                             f"single-process run; use --parallel ddp, or gpipe/1f1b/interleaved1f1b")
         self.model, self.par, self.pp = model, par, par.pp
         self.n_stages = per_rank * par.pp
         self.n_moe_rows = len(moe_rows(model))
@@ -192,18 +189,27 @@ class Pipeline:
             raise ValueError(f"[pretrain] pipeline_microbatches={n_microbatches} (--pp-schedule {schedule}): {e}") \
                 from e
         self.has_first, self.has_last = 0 in mine, self.n_stages - 1 in mine
-        # FSDP's unshard/reshard bookkeeping is left to torch's sequential runner
-        self.overlap = overlap and schedule == "dualpipev" and par.ep > 1 and par.mode != "fsdp"
-        if self.overlap:
+        # OVERLAP_F_B pairs run through _overlap_forward_backward: on two threads while self.overlap, one after
+        # the other otherwise (bench/pipeline_overlap.py switches between steps). FSDP's unshard/reshard
+        # bookkeeping is left to torch's sequential runner.
+        self.overlap = overlap
+        if schedule == "dualpipev" and par.ep > 1 and par.mode != "fsdp":
             self.schedule.register_custom_function(OVERLAP_F_B, self._overlap_forward_backward)
 
     def _data_parallel(self, stage: Stage, param_dtype: torch.dtype | None) -> nn.Module:
         """FSDP2 over this stage's data-parallel ranks (a stage without parameters needs none). Under "ddp" the
         stage stays plain and `step` averages its gradients: torch's DDP reducer rebuilds its buckets from the
-        first step's gradient order and fails on the pipeline's split forward/backward calls."""
+        first step's gradient order and fails on the pipeline's split forward/backward calls.
+
+        The blocks stay gathered from forward to backward (the schedule's UNSHARD/RESHARD actions gather and
+        free a whole stage, as torchtitan does under PP): zbv and dualpipev split the backward into an input pass
+        and a later weight pass, and the input pass collects the weights to differentiate from
+        `stage.parameters()`. A block resharded after its forward shows its sharded parameters there, which are
+        not in the autograd graph, so that micro-batch's weight pass added nothing (measured with FSDP's
+        default: the gradients of a stage whose last action was a forward came out 30-40% short)."""
         if self.par.mode == "fsdp" and any(p.requires_grad for p in stage.parameters()):
             blocks = [*stage.blocks.values(), *(m.block for m in getattr(stage, "mtp", ()))]
-            apply_fsdp(stage, blocks, self.par, param_dtype)
+            apply_fsdp(stage, blocks, self.par, param_dtype, reshard_after_forward=False)
         return stage
 
     def loss(self, output: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
@@ -239,10 +245,15 @@ class Pipeline:
         return parts, self._counts(n)
 
     def _overlap_forward_backward(self, action, ctx) -> None:
-        """OVERLAP_F_B: the forward sub-action on a helper thread, the full backward on this one, then join.
-        Both mirror torch's sequential runner (_PipelineScheduleRuntime._step_microbatches)."""
+        """OVERLAP_F_B: the forward sub-action on a helper thread, the full backward on this one, then join
+        (without self.overlap: forward, then backward, here). Both mirror torch's sequential runner
+        (_PipelineScheduleRuntime._step_microbatches)."""
         sched = ctx.schedule_ref
         fwd, bwd = action.sub_actions
+        if not self.overlap:
+            self._forward_action(sched, fwd.stage_index, fwd.microbatch_index, ctx)
+            self._backward_action(sched, bwd.stage_index, bwd.microbatch_index)
+            return
         errors: list[BaseException] = []
         dev = self.par.device.type
         autocast = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)  # thread-local state
