@@ -143,24 +143,26 @@ def main() -> None:
     per_rank = par.all_gather_object({"rank": par.rank, "pp": par.pp_rank, "ep": par.ep_rank, **mine})
     traces = par.all_gather_object(trace) if args.trace else []
     if par.is_main:
-        header = (f"{'rank':>4} {'overlap':>7} {'step s':>7} {'a2a s':>7} {'compute s':>9} {'a2a||compute s':>14} "
-                  "fraction")
+        header = (f"{'rank':>4} {'pp,ep':>5} {'overlap':>7} {'step s':>7} {'a2a s':>7} {'compute s':>9} "
+                  f"{'a2a||compute s':>14} fraction")
         print(f"DualPipeV, pp=2 x ep=2, 8 micro-batches; per-step means over {args.steps} steps per mode "
               f"(alternating); a2a||compute: an all-to-all of one chunk in flight while another chunk computes")
         print(header)
+        def line(rank: str, where: str, mode: str, m: dict) -> None:
+            print(f"{rank:>4} {where:>5} {mode:>7} {m['step_s']:7.3f} {m['all_to_all_s']:7.3f} "
+                  f"{m['compute_s']:9.3f} {m['overlapped_s']:14.3f} {m['fraction']:8.1%}")
+
         rows = []
         for r in per_rank:
             for mode in ("on", "off"):
                 m = r[mode]
-                frac = m["overlapped_s"] / m["all_to_all_s"] if m["all_to_all_s"] else 0.0
-                rows.append({"rank": r["rank"], "overlap": mode, **m, "fraction": frac})
-                print(f"{r['rank']:>4} {mode:>7} {m['step_s']:7.3f} {m['all_to_all_s']:7.3f} {m['compute_s']:9.3f} "
-                      f"{m['overlapped_s']:14.3f} {frac:8.1%}")
+                m["fraction"] = m["overlapped_s"] / m["all_to_all_s"] if m["all_to_all_s"] else 0.0
+                rows.append({"rank": r["rank"], "pp": r["pp"], "ep": r["ep"], "overlap": mode, **m})
+                line(str(r["rank"]), f"{r['pp']},{r['ep']}", mode, m)
         mean = {mode: {k: sum(r[mode][k] for r in per_rank) / len(per_rank) for k in keys} for mode in ("on", "off")}
         for mode, m in mean.items():
             m["fraction"] = m["overlapped_s"] / m["all_to_all_s"] if m["all_to_all_s"] else 0.0
-            print(f"{'mean':>4} {mode:>7} {m['step_s']:7.3f} {m['all_to_all_s']:7.3f} {m['compute_s']:9.3f} "
-                  f"{m['overlapped_s']:14.3f} {m['fraction']:8.1%}")
+            line("mean", "", mode, m)
         if args.json:
             write_json(args.json, {"schedule": "dualpipev", "pp": 2, "ep": 2, "microbatches": 8,
                                    "steps_per_mode": args.steps, "per_rank": rows, "mean": mean})
