@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             section = getattr(args, "section", None)
             check_tables(load_recipe(args.recipe, args.set), extra=(section,) if section else ())
         return args.func(args) or 0
+    except BrokenPipeError:  # output piped into `head` or a pager that quit: not an error, as for any Unix tool
+        # the interpreter's final flush would fail again: point stdout at /dev/null (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except USER_ERRORS as e:
         if os.environ.get("NANOSEEK_DEBUG"):
             raise
