@@ -7,9 +7,9 @@ the validation loss of a short continued pretraining, dense vs DSA (V3.2's dense
    dense MLA with the same weights in one process, sides alternated every repeat. Reported: median seconds, the
    spread (min-max) and the DSA/dense ratio of the medians; the crossover is where that ratio crosses 1.
 2. Quality: a dense MLA base pretrained on the debug recipe (seq_len 128, so top-16 keeps an eighth of the keys at
-   the end of a sequence), then continued for the same steps twice from the same weights and data order: dense
-   MLA, and DSA (the indexers warm up densely with everything else frozen, then all train with sparse
-   attention). Reported: the validation loss of both and of the base.
+   the end of a sequence), then continued for the same steps and schedule twice from the same weights and data
+   order: dense MLA, and DSA (first --warmup steps in which the indexers learn with dense attention and
+   everything else frozen, then the sparse stage). Reported: the validation loss of the base and each side.
 
     python bench/sparse_attention.py                                   # ~10 min on 2 busy CPU cores
     python bench/sparse_attention.py --contexts 256,512 --new-tokens 4 --repeats 1 --base-steps 20 --steps 20
@@ -94,13 +94,16 @@ def fmt(s: dict, unit: float = 1.0) -> str:
 
 
 def crossover(rows: list[dict], key: str) -> str:
-    """Where DSA starts to win (ratio < 1) among the measured contexts."""
-    wins = [r["context"] for r in rows if r[f"{key}_ratio"] < 1]
+    """The measured interval from which DSA stays faster (ratio < 1 at that context and every longer one)."""
+    wins = 0
+    while wins < len(rows) and rows[len(rows) - 1 - wins][f"{key}_ratio"] < 1:
+        wins += 1
     if not wins:
-        return f"none up to {rows[-1]['context']} (DSA slower at every measured context)"
-    first = wins[0]
-    below = [r["context"] for r in rows if r["context"] < first]
-    return f"between {below[-1]} and {first}" if below else f"at or below {first}"
+        return f"none up to {rows[-1]['context']} (DSA slower at the longest measured context)"
+    first = rows[len(rows) - wins]["context"]
+    if wins == len(rows):
+        return f"at or below {first}"
+    return f"between {rows[len(rows) - wins - 1]['context']} and {first}"
 
 
 # --- 2. quality ---------------------------------------------------------------------------------------------------
@@ -118,28 +121,35 @@ def quality(args, root: Path) -> dict:
 
     weights = load(root / "base").state_dict()
     result = {"base_val_loss": base["val_loss"], "base_steps": args.base_steps, "steps": args.steps,
-              "dsa_warmup_steps": args.warmup, "seq_len": args.seq_len}
-    for side, extra in (("dense", []), ("dsa", ["model.attention=dsa", f"pretrain.dsa_warmup_steps={args.warmup}"])):
-        recipe = load_recipe("debug", [*sets, f"pretrain.max_steps={args.steps}",
-                                       f"pretrain.val_every={args.steps}", *extra])
-        cfg = PretrainConfig(**recipe["pretrain"])
-        trainer = Trainer(recipe, cfg, root / side, init_parallel(None, device="cpu"), progress=False)
-        missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
-        assert not unexpected and all(".indexer." in k for k in missing)  # the indexers start from scratch
-        t0 = time.perf_counter()
+              "dsa_warmup_steps": args.warmup, "seq_len": args.seq_len,
+              "index_topk": preset("debug", attention="dsa").index_topk}
+    def continue_training(name: str, start: dict, steps: int, *extra: str) -> Trainer:
+        recipe = load_recipe("debug", [*sets, f"pretrain.max_steps={steps}", f"pretrain.val_every={steps}", *extra])
+        trainer = Trainer(recipe, PretrainConfig(**recipe["pretrain"]), root / name,
+                          init_parallel(None, device="cpu"), progress=False)
+        missing, unexpected = trainer.model.load_state_dict(start, strict=False)
+        assert not unexpected and all(".indexer." in k for k in missing)  # only the indexers start from scratch
         trainer.run()
+        return trainer
+
+    # V3.2's two stages as two runs, so that the sparse stage has the dense side's steps and schedule exactly
+    t0 = time.perf_counter()
+    continue_training("dense", weights, args.steps)
+    seconds = {"dense": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    warm = continue_training("dsa_warmup", weights, args.warmup, "model.attention=dsa",
+                             f"pretrain.dsa_warmup_steps={args.warmup}")
+    continue_training("dsa", warm.model.state_dict(), args.steps, "model.attention=dsa")
+    seconds["dsa"] = time.perf_counter() - t0
+    for side in ("dense", "dsa_warmup", "dsa"):
         records = read_metrics(root / side / "metrics.jsonl")
         val = [r for r in records if "val_loss" in r][-1]
-        train = [r for r in records if "loss" in r]
-        result[side] = {"val_loss": val["val_loss"], "seconds": time.perf_counter() - t0,
-                        "last_train_loss": train[-1]["loss"]}
-        if side == "dsa":
-            kl = [r["indexer_kl"] for r in train]
-            result[side].update(val_indexer_kl=val["val_indexer_kl"], warmup_kl_first=kl[0],
-                                warmup_kl_last=kl[args.warmup - 1], sparse_kl_last=kl[-1],
-                                index_topk=trainer.model.config.index_topk)
-        print(f"{side}: {args.steps} more steps, val loss {val['val_loss']:.4f} "
-              f"({result[side]['seconds']:.0f} s)", flush=True)
+        result[side] = {"val_loss": val["val_loss"], "seconds": seconds.get(side)}
+        if side != "dense":
+            kl = [r["indexer_kl"] for r in records if "loss" in r]
+            result[side].update(val_indexer_kl=val["val_indexer_kl"], train_kl_first=kl[0], train_kl_last=kl[-1])
+        print(f"{side}: val loss {val['val_loss']:.4f}" + (f", val indexer KL {val['val_indexer_kl']:.4f}"
+                                                           if side != "dense" else ""), flush=True)
     result["val_loss_delta"] = result["dsa"]["val_loss"] - result["dense"]["val_loss"]
     return result
 
@@ -152,19 +162,22 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--base-steps", type=int, default=300, help="dense pretraining before the comparison")
     ap.add_argument("--steps", type=int, default=200, help="continued pretraining steps per side")
-    ap.add_argument("--warmup", type=int, default=50, help="DSA's dense warm-up steps (of --steps)")
+    ap.add_argument("--warmup", type=int, default=50, help="DSA's dense warm-up steps (before its --steps)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--val-batches", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {"speed": speed(args)}
-    results["prefill_crossover"] = crossover(results["speed"], "prefill")
-    results["decode_crossover"] = crossover(results["speed"], "decode")
-    print(f"crossover: prefill {results['prefill_crossover']}; decode {results['decode_crossover']}")
+    results = {}
+    if not args.skip_speed:
+        results["speed"] = speed(args)
+        results["prefill_crossover"] = crossover(results["speed"], "prefill")
+        results["decode_crossover"] = crossover(results["speed"], "decode")
+        print(f"crossover: prefill {results['prefill_crossover']}; decode {results['decode_crossover']}")
     if not args.skip_quality:
         with tempfile.TemporaryDirectory() as tmp:
             results["quality"] = quality(args, Path(tmp))
