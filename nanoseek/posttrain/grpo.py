@@ -373,6 +373,9 @@ class GRPOStage(Stage):
         self.cfg, self.policy, self.out, self.sampler = cfg, policy, out, sampler
         self.section = section  # the recipe table: checkpoints record it as their stage
         self.model, self.tok = policy.model, policy.tokenizer
+        if cfg.share_prompt and self.model.config.attention == "dsa":  # shared_prompt_logps attends densely
+            raise ValueError(f"[{section}] share_prompt = true is for MLA models; this model uses sparse "
+                             f"attention (attention = \"dsa\"): set share_prompt = false")
         self.device = next(self.model.parameters()).device
         # β = 0: no reference model at all (memory and a forward pass saved)
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.beta else None

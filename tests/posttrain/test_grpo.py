@@ -3,6 +3,7 @@ checkpoints and resume. (That GRPO raises accuracy on a pretrained model is meas
 
 import json
 
+import pytest
 import torch
 
 from nanoseek.data.tokenizer import Tokenizer
@@ -155,3 +156,17 @@ def test_sharing_each_groups_prompt_gives_the_same_log_probs_and_gradients(polic
     for k, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_sharing_prompts_is_refused_for_a_sparse_attention_model(policy_dir, tmp_path):
+    """shared_prompt_logps attends densely; a DSA policy must not be trained on it (its rollouts attend sparsely)."""
+    import shutil
+
+    from nanoseek.model import Transformer, preset
+
+    dsa_dir = tmp_path / "dsa"
+    shutil.copytree(policy_dir, dsa_dir)
+    vocab = Tokenizer.load(policy_dir).vocab_size
+    Transformer(preset("debug", vocab_size=vocab, attention="dsa")).save_pretrained(dsa_dir)
+    with pytest.raises(ValueError, match=r"\[grpo\] share_prompt = true is for MLA models"):
+        GRPOStage.load(GRPOConfig(**{**BASE, "share_prompt": True}), str(dsa_dir), tmp_path / "out")
