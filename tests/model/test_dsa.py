@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.infer.decoder import Decoder
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.model import LatentCache, ModelConfig, Transformer, preset
+from nanoseek.model import ModelConfig, Transformer, preset
+from tests.infer.test_engine import assert_decoder_matches_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -132,30 +132,7 @@ def test_decoder_matches_the_model_on_a_ragged_cache(compile):
     """The decoder's sparse step (eager, and compiled over a masked power-of-two prefix) equals the model's cached
     forward with key_mask holes and one or two new tokens, and writes the same index keys."""
     model = random_model(preset("debug", attention="dsa", index_n_heads=8, index_topk=6, num_hidden_layers=2))
-    cfg = model.config
-    torch.manual_seed(4)
-    B, S = 3, 20
-    ids = torch.randint(3, 512, (B, S + 1))
-    key_mask = torch.rand(B, S + 2) > 0.3
-    key_mask[:, S - 1:] = True
-    key_mask[0, S] = False
-    positions = torch.stack([torch.arange(S - 1, S + 1) + i for i in range(B)])
-    decoder = Decoder(model, compile=compile)
-    for t in (1, 2):
-        caches = []
-        for _ in range(2):
-            cache = LatentCache.empty(cfg, B, S + 2, layers=cfg.num_hidden_layers)
-            with torch.no_grad():
-                model.forward_cached(ids[:, :S - 1], cache, 0)
-            caches.append(cache)
-        new = ids[:, S - 1:S - 1 + t]
-        with torch.no_grad():
-            ref = model.forward_cached(new, caches[0], S - 1, key_mask=key_mask, positions=positions[:, :t],
-                                       hidden=True)
-        got = decoder.forward(new, caches[1], S - 1, key_mask, positions[:, :t])
-        assert (got - ref).abs().max().item() <= 1e-5
-        for a, b in zip(caches[0].tensors(), caches[1].tensors(), strict=True):
-            assert torch.allclose(a, b, atol=1e-6)
+    assert_decoder_matches_model(model, compile)
 
 
 def test_greedy_generation_matches_transformers(tmp_path):
