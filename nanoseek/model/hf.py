@@ -233,6 +233,20 @@ def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse a checkpoint whose tensors are not exactly the model's (built from its config.json): a missing or
+    unexpected name, or a shape that disagrees, named with the file it came from."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, t in state.items():
+        if name not in expected:
+            raise ValueError(f"{where}: unexpected tensor {name!r}")
+        if t.shape != expected[name].shape:
+            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(expected[name].shape)} from config.json")
+
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
     """A model from a nanoseek checkpoint, a run directory (its latest checkpoint) or an HF DeepseekV3 directory;
     a VL checkpoint (config.json's model_type "nanoseek_vl") gives its `nanoseek.model.vl.VLModel`."""
@@ -255,16 +269,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     state = from_hf_state_dict(cfg, tensors, where=str(ckpt))
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{ckpt}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for name, t in state.items():
-        if name not in expected:
-            raise ValueError(f"{ckpt}: unexpected tensor {name!r}")
-        if t.shape != expected[name].shape:
-            raise ValueError(f"{ckpt}: tensor {name!r} has shape {tuple(t.shape)}, "
-                             f"expected {tuple(expected[name].shape)} from config.json")
+    check_state_dict(model, state, ckpt)
     model.load_state_dict(state, assign=True)
     model.rotary = Rotary(cfg)  # its buffer is derived, not stored: rebuild it off the meta device
     for moe in model.moe_layers():

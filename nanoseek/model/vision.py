@@ -242,7 +242,7 @@ def load_vision(path: str | Path, tensors: dict[str, torch.Tensor] | None = None
     """A SigLIP vision tower from a transformers directory; `tensors` are its weights when already read (the
     project's reader checks them: see nanoseek.model.hf.read_tensors). Missing, unexpected or misshapen tensors
     are errors naming the tensor."""
-    from nanoseek.model.hf import read_tensors
+    from nanoseek.model.hf import check_state_dict, read_tensors
 
     path = Path(path)
     try:
@@ -253,15 +253,6 @@ def load_vision(path: str | Path, tensors: dict[str, torch.Tensor] | None = None
     state = {k.removeprefix("vision_model."): v for k, v in tensors.items()}
     with torch.device("meta"):
         model = VisionEncoder(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for name, t in state.items():
-        if name not in expected:
-            raise ValueError(f"{path}: unexpected tensor {name!r}")
-        if t.shape != expected[name].shape:
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected "
-                             f"{tuple(expected[name].shape)} from config.json")
+    check_state_dict(model, state, path)
     model.load_state_dict(state, assign=True)
     return model.eval()
