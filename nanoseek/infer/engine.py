@@ -20,6 +20,12 @@ columns are packed to the right (holes and padding squeezed out; attention does 
 Finished rows are replaced by the last row (one copy), so the active rows stay packed at the front and every
 forward pass sees a dense [n_active, ...] slice of the cache.
 
+Images (a VL model, `nanoseek.model.vl.VLModel`): a request may carry pixels, one image per `<image>` placeholder
+in its prompt (each expanded to the model's `image_tokens` ids). Images live only in the prompt, so only the
+prefill sees them: `_admit` hands the new rows' images, in row order, to the VL model's prefill forward, whose
+embedding writes the projected features over the placeholders; the cache then holds their latents like any
+token's, and decode steps, packing and row moves are the text path unchanged.
+
 `Engine` implements the `Backend` interface (add_request / step / abort, the shape of vLLM's LLMEngine), so a
 GPU serving engine can stand in for it behind the server, the chat CLI and the verification loop.
 """
@@ -45,6 +51,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     routing: bool = False  # record, for each generated token, the experts every MoE layer routed it to
+    images: torch.Tensor | None = None  # [k, 3, S, S] pixels (`to_pixels`), one per <image> in the prompt, in order
 
 
 @dataclass
@@ -85,6 +92,8 @@ class Backend(ABC):
     tokenizer = None
     max_len: int
     max_batch: int
+    image_tokens: int = 0  # prompt ids per image (a VL model); 0: the backend takes no images
+    image_size: int = 0  # the square side images are resized to (`to_pixels`)
 
     @abstractmethod
     def add_request(self, request: Request) -> None: ...
@@ -100,16 +109,20 @@ class Backend(ABC):
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 stream: Callable[[TokenEvent], None] | None = None, routing: bool = False) -> list[Completion]:
+                 stream: Callable[[TokenEvent], None] | None = None, routing: bool = False,
+                 images: Sequence[torch.Tensor | None] | None = None) -> list[Completion]:
         """Run prompts to completion (batched together). Returns one Completion per prompt and sample, in prompt
-        order then sample order. `stream` is called with every event as it happens. A sample that fails raises
-        RuntimeError (after aborting the call's other requests)."""
+        order then sample order. `stream` is called with every event as it happens; `images` gives each prompt's
+        pixels (or None). A sample that fails raises RuntimeError (after aborting the call's other requests)."""
         params = params or SamplingParams()
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        requests = [Request(list(p), sp, routing=routing)
-                    for p, sp in zip(prompts, per_prompt, strict=True)]
+        images = [None] * len(prompts) if images is None else list(images)
+        if len(images) != len(prompts):
+            raise ValueError(f"got images for {len(images)} prompts, not {len(prompts)}")
+        requests = [Request(list(p), sp, routing=routing, images=im)
+                    for p, sp, im in zip(prompts, per_prompt, images, strict=True)]
         results: dict[tuple[str, int], Completion] = {}
         for r in requests:
             self.add_request(r)
@@ -264,6 +277,12 @@ class Engine(Backend):
         self.waiting: deque[Request] = deque()
         self.row_params: RowParams | None = None
         self.moe_gates = [b.ffn.gate for b in model.blocks if b.is_moe]
+        vl = getattr(model, "vl_config", None)  # a VLModel: prompts may hold images
+        self.image_id = vl.image_token_id if vl is not None else None
+        if vl is not None:
+            self.image_tokens, self.image_size = vl.image_tokens, vl.vision.image_size
+        # filler of a left-padded prefill (masked out): never the image id, which the VL embedding would count
+        self.pad_id = cfg.vocab_size - 1 if self.image_id != cfg.vocab_size - 1 else cfg.vocab_size - 2
 
     # --- Backend --------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -280,7 +299,25 @@ class Engine(Backend):
         bad = [t for t in request.prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} outside the vocabulary [0, {vocab})")
+        self._check_images(request)
         self.waiting.append(request)
+
+    def _check_images(self, request: Request) -> None:
+        """A request's images must fill its placeholders exactly (else the prefill, shared with other requests,
+        would fail): one image per `<image>`, each expanded to image_tokens ids, at the tower's size."""
+        images = request.images
+        if images is not None and len(images) and self.image_id is None:
+            raise ValueError("this model takes no images (it is a text-only model)")
+        if self.image_id is None:
+            return
+        placeholders = request.prompt.count(self.image_id)
+        k = 0 if images is None else len(images)
+        if placeholders != k * self.image_tokens:
+            raise ValueError(f"the prompt holds {placeholders} image ids; {k} image(s) need {k * self.image_tokens} "
+                             f"({self.image_tokens} per image)")
+        if k and tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"images have shape {tuple(images.shape)}; this model takes "
+                             f"[k, 3, {self.image_size}, {self.image_size}] pixels")
 
     def has_work(self) -> bool:
         return bool(self.rows or self.waiting)
@@ -329,7 +366,7 @@ class Engine(Backend):
         elif self.frontier < P:
             self._shift_right(P - self.frontier)
         f, rows = self.frontier, slice(n0, n0 + len(new))
-        ids = torch.full((len(new), P), self.model.config.vocab_size - 1, dtype=torch.long, device=self.device)
+        ids = torch.full((len(new), P), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros(len(new), P, dtype=torch.bool, device=self.device)
         for i, s in enumerate(new):
             prompt = s.request.prompt
@@ -350,9 +387,12 @@ class Engine(Backend):
                 self.penalties.reset_row(s.row, s.request.prompt)
         view = self.cache.view(rows, slice(f - P, f))
         padded = bool(pad.any())
+        # each sample's row reads its request's images: the placeholders in row order take them in that order
+        images = [s.request.images for s in new if s.request.images is not None and len(s.request.images)]
+        vision = {"images": torch.cat(images).to(self.device)} if images else {}  # a text model takes no images=
         with torch.no_grad(), self._routing(any(s.request.routing for s in new)) as routes:
             h = self.model.forward_cached(ids, view, 0, key_mask=mask if padded else None,
-                                          positions=positions if padded else None, hidden=True)
+                                          positions=positions if padded else None, hidden=True, **vision)
             logits = self.model.head(h[:, -1])
         tokens = self._sample(logits, rows)
         self.pending[rows] = tokens
