@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nanoseek.common import write_json
 from nanoseek.config import check_tables, from_dict
 from nanoseek.data.curate.images import curate_images
 from nanoseek.data.synth.images import SCENES, write_image_set
 from nanoseek.model.vl import VL_PRESETS
-from nanoseek.pipeline import Run, stage_data, stage_pretrain, stage_sft
+from nanoseek.pipeline import Run, RunConfig, stage_data, stage_pretrain, stage_sft
 from nanoseek.posttrain.vl import VLGRPOConfig, VLTrainConfig, build_vl, vl_grpo, vl_train
 
 # the held-out targets of issue #18: task -> required accuracy
@@ -46,6 +48,7 @@ class VLRunConfig:
     eval_images: dict[str, int] = field(default_factory=lambda: {"ocr": 100, "shapes": 300, "chart": 200,
                                                                   "diagram": 50})
     seed: int = 0
+    text_replay: bool = True  # [vl_sft] also trains on the text stages' SFT conversations (with text_init: none)
     text_tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # pass@1 before and after VL training
     text_n: int = 50
     text_k: int = 4
@@ -105,10 +108,10 @@ def stage_vl_init(run: Run, cfg: VLRunConfig) -> dict[str, Any]:
     return {"dir": "vl_init", "checkpoint": run.rel(out)}
 
 
-def stage_vl_train(run: Run, name: str, init: str) -> dict[str, Any]:
+def stage_vl_train(run: Run, name: str, init: str, text: bool = False) -> dict[str, Any]:
     out = _fresh(run, name)
-    ckpt = vl_train(run.recipe, out, run.checkpoint(init), [run.out / run.done("vl_data")["train"]], name,
-                    run.progress)
+    data = [run.out / run.done("vl_data")["train"]] + ([run.training_set("sft.jsonl")] if text else [])
+    ckpt = vl_train(run.recipe, out, run.checkpoint(init), data, name, run.progress)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in records if "loss" in r]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
@@ -164,14 +167,14 @@ def _samples_figure(records: list[dict[str, Any]], samples: list[dict[str, Any]]
     from PIL import Image
 
     picks, seen = [], set()
-    for r, s in zip(records, samples):
+    for r, s in zip(records, samples, strict=True):
         if s["task"] not in seen or len(picks) < 12:
             picks.append((r, s))
             seen.add(s["task"])
         if len(picks) == 12:
             break
     fig, axes = plt.subplots(2, 6, figsize=(12, 4.8))
-    for ax, (r, s) in zip(axes.flat, picks):
+    for ax, (r, s) in zip(axes.flat, picks, strict=False):
         ax.imshow(Image.open(root / r["image"]))
         ax.set_title(f"{r['question'][:28]}\n{s['output'][:20]!r} ({'ok' if s['correct'] else 'gold ' + r['answer']})",
                      fontsize=6)
@@ -230,11 +233,22 @@ def run_vl(recipe: dict[str, Any], out: str | Path, progress: bool = True) -> li
     run = Run(Path(out), recipe, progress)
     run.out.mkdir(parents=True, exist_ok=True)
     write_json(run.out / "recipe.json", recipe)
+    threads = torch.get_num_threads()
+    if (n := from_dict(RunConfig, recipe.get("run"), "run").threads):
+        torch.set_num_threads(n)
+    try:
+        return _run_stages(run, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stages(run: Run, cfg: VLRunConfig) -> list[dict[str, Any]]:
     stages = [] if cfg.text_init else [("data", stage_data), ("pretrain", stage_pretrain), ("sft", stage_sft)]
     done = [run.run_stage(name, functools.partial(fn, run)) for name, fn in stages]
     vl_stages = [("vl_data", lambda _: stage_vl_data(run, cfg)), ("vl_init", lambda _: stage_vl_init(run, cfg)),
                  ("vl_align", lambda _: stage_vl_train(run, "vl_align", "vl_init")),
-                 ("vl_sft", lambda _: stage_vl_train(run, "vl_sft", "vl_align")),
+                 ("vl_sft", lambda _: stage_vl_train(run, "vl_sft", "vl_align",
+                                                     text=cfg.text_replay and not cfg.text_init)),
                  ("vl_grpo", lambda _: stage_vl_grpo(run)),
                  ("vl_eval", lambda _: stage_vl_eval(run, cfg)), ("vl_report", lambda _: stage_vl_report(run, cfg))]
     return done + [run.run_stage(name, fn) for name, fn in vl_stages]

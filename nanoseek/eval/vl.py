@@ -32,7 +32,7 @@ def evaluate_images(model: VLModel, tokenizer: Tokenizer, records: Sequence[dict
     model.train(was_training)
     scores: dict[str, list[float]] = defaultdict(list)
     samples = []
-    for r, a in zip(records, answers):
+    for r, a in zip(records, answers, strict=True):
         ok = answers_equal(a.rstrip("."), r["answer"].rstrip("."))
         scores[r["task"]].append(float(ok))
         samples.append({"task": r["task"], "question": r["question"], "answer": r["answer"], "output": a,

@@ -1,5 +1,5 @@
-"""Answers of a VL model to image questions: the prompt (the chat template with `<image>` expanded and the direct-
-answer generation prompt) and batched generation, greedy for evaluation or sampled for GRPO.
+"""Answers of a VL model to image questions: the prompt (the chat template with `<image>` expanded, then the
+direct-answer generation prompt) and batched generation, greedy for evaluation or sampled for GRPO.
 
 Prompts of equal length share a batch: `VLModel.generate` decodes a batch through the latent cache without a
 padding mask, so rows are grouped by length instead of padded.
@@ -44,7 +44,7 @@ def answer_images(model: VLModel, tokenizer: Tokenizer, questions: Sequence[str]
             pixels = to_pixels([images[i] for i in chunk], size).to(device)
             seqs = model.generate(ids, max_new_tokens, temperature, eos_token_id=tokenizer.eos_id, images=pixels,
                                   seed=None if seed is None else seed + 1000 * g + s)
-            for i, row in zip(chunk, seqs[:, ids.shape[1]:].tolist()):
+            for i, row in zip(chunk, seqs[:, ids.shape[1]:].tolist(), strict=True):
                 row = row[:row.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in row else row
                 out[i] = (prompts[i], row, tokenizer.decode(row, skip_special=True).strip())
     return out

@@ -20,7 +20,6 @@ A VL checkpoint is a directory that ties three standard parts together:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path

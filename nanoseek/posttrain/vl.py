@@ -1,5 +1,5 @@
 """VL training stages on the one post-training loop: assembling a VL model from a text checkpoint, projector
-alignment and joint VL fine-tuning (a `Stage` whose loss is SFT's `assistant_loss` with the batch's images).
+alignment and joint VL fine-tuning (SFT's `assistant_loss` with the batch's images), GRPO on image questions.
 
     build_vl(text_ckpt, out, preset)   text LM + tokenizer with `<image>` + a SigLIP tower + a fresh projector
     vl_train(recipe, out, section=...) e.g. [vl_align] train = ["projector"]: vision and language frozen
@@ -13,8 +13,10 @@ step on `grpo_loss`. A step whose groups all have equal rewards has no signal an
 
 Data: JSONL of `{"image": path, "messages": [...]}` or `{"image": path, "text": ...}` (a caption: the user turn is
 the image alone), paths relative to the file; each conversation holds one `<image>` (prepended to its first user
-turn when it has none). Examples of a batch are packed into rows like SFT's (`pack`), their images in the same
-reading order, which is the order the model's embedding consumes them in. Resume is not supported: an interrupted
+turn when it has none). A record without an image is a text conversation: mixing the text model's SFT set in
+(text replay) keeps a language model that trains on images from forgetting its text tasks. Examples of a batch
+are packed into rows like SFT's (`pack`), their images in the same reading order, which is the order the model's
+embedding consumes them in. Resume is not supported: an interrupted
 VL stage starts again (the checkpoint loader reads text checkpoints).
 """
 
@@ -32,9 +34,9 @@ from typing import Any
 import torch
 
 from nanoseek.common import pick_device, read_jsonl
-from nanoseek.infer.vl import answer_images
 from nanoseek.data.curate.images import open_image
 from nanoseek.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from nanoseek.infer.vl import answer_images
 from nanoseek.model.vision import load_vision, to_pixels
 from nanoseek.model.vl import VLModel, vl_preset
 from nanoseek.posttrain.loop import Stage, TrainConfig, prepare, run, start, threads
@@ -121,16 +123,18 @@ def load_vl_examples(paths: Sequence[str | Path], tokenizer: Tokenizer, image_to
                 messages = [{"role": "user", "content": IMAGE_TOKEN}, {"role": "assistant", "content": record["text"]}]
             try:
                 validate_messages(messages, where)
-                image_path = Path(record.get("image", ""))
-                image = open_image(image_path if image_path.is_absolute() else path.parent / image_path)
+                image = None
+                if "image" in record:  # a record without one is a text conversation (text replay)
+                    image_path = Path(record["image"])
+                    image = open_image(image_path if image_path.is_absolute() else path.parent / image_path)
             except (ValueError, TypeError):
                 skipped["invalid"] += 1
                 continue
             text = "".join(m["content"] for m in messages if m["role"] != "assistant")
-            if text.count(IMAGE_TOKEN) > 1:
-                skipped["invalid"] += 1
+            if text.count(IMAGE_TOKEN) > (image is not None):
+                skipped["invalid"] += 1  # at most one placeholder with an image, none in a text conversation
                 continue
-            if IMAGE_TOKEN not in text:
+            if image is not None and IMAGE_TOKEN not in text:
                 i = next(i for i, m in enumerate(messages) if m["role"] == "user")
                 messages = [*messages[:i], {**messages[i], "content": f"{IMAGE_TOKEN}\n{messages[i]['content']}"},
                             *messages[i + 1:]]
@@ -146,7 +150,8 @@ def vl_loss(model: VLModel, examples: Sequence[VLExample], row_len: int, pad: in
             ) -> tuple[torch.Tensor, int]:
     """SFT's assistant-token loss on `examples` packed into rows, each image over its own placeholders."""
     tokens, labels = pack(examples, row_len, pad)
-    images = to_pixels([e.image for e in examples], model.vl_config.vision.image_size).to(device)
+    pil = [e.image for e in examples if e.image is not None]
+    images = to_pixels(pil, model.vl_config.vision.image_size).to(device) if pil else None
     return assistant_loss(functools.partial(model, images=images), tokens.to(device), labels.to(device))
 
 

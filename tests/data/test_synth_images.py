@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanoseek.data.curate.images import (ImageCurateConfig, curate_images, open_image, perceptual_hash)
+from nanoseek.data.curate.images import ImageCurateConfig, curate_images, open_image, perceptual_hash
 from nanoseek.data.synth.images import SCENES, make_image_problems, write_image_set
 from nanoseek.data.synth.tasks import split_of
 
@@ -16,7 +16,7 @@ from nanoseek.data.synth.tasks import split_of
 def test_deterministic_and_disjoint(scene):
     a, b = make_image_problems(scene, 6, 3), make_image_problems(scene, 6, 3)
     assert [(p.question, p.answer) for p in a] == [(p.question, p.answer) for p in b]
-    assert all(np.array_equal(np.asarray(p.image), np.asarray(q.image)) for p, q in zip(a, b))
+    assert all(np.array_equal(np.asarray(p.image), np.asarray(q.image)) for p, q in zip(a, b, strict=True))
     train = make_image_problems(scene, 30, 0, "train")
     held = make_image_problems(scene, 10, 0, "eval")
     assert {p.key for p in train}.isdisjoint({p.key for p in held})

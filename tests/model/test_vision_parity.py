@@ -59,7 +59,7 @@ def test_nanoseek_to_hf(tmp_path, kw):
     # and back: a save of the HF model reloads to the same weights
     hf.save_pretrained(tmp_path / "again")
     again = load_vision(tmp_path / "again")
-    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 

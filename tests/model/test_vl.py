@@ -113,7 +113,7 @@ def test_image_token_leaves_text_ids_unchanged(tok):
     text_only = [{"role": "user", "content": "how many shapes?"}, {"role": "assistant", "content": "3"}]
     assert tok.encode_chat(text_only) == plain.encode_chat(text_only)  # the added id changes no text's ids
     ids, mask = tok.encode_chat(chat, image_tokens=5)
-    assert ids.count(tok.image_id) == 5 and all(m == 0 for i, m in zip(ids, mask) if i == tok.image_id)
+    assert ids.count(tok.image_id) == 5 and all(m == 0 for i, m in zip(ids, mask, strict=True) if i == tok.image_id)
     assert tok.encode("<image>") != [tok.image_id]  # text can never produce the control token
     with pytest.raises(ValueError, match="no <image> token"):
         plain.encode_chat(chat, image_tokens=5)

@@ -63,3 +63,28 @@ def test_build_align_train_evaluate(policy_dir, tmp_path):
     assert sum(t["n"] for t in result["tasks"].values()) == 6
     for t in result["tasks"].values():
         assert 0 <= t["ci95"][0] <= t["accuracy"] <= t["ci95"][1] <= 1
+
+
+def test_text_replay_and_bad_records(policy_dir, tmp_path):
+    """Text conversations (no image) train beside image ones in one packed batch; a text record with a
+    placeholder, or an image record with two, is skipped and counted."""
+    from nanoseek.posttrain.vl import load_vl_examples, vl_loss
+
+    vl_dir = build_vl(policy_dir, tmp_path / "vl", "vl-debug")
+    model, tok = nanoseek.load(vl_dir), Tokenizer.load(vl_dir)
+    data = write_image_set(tmp_path / "images", {"shapes": 2}, 0)
+    turn = [{"role": "user", "content": "what is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    bad_text = [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "hello"}]
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    two = {**records[0], "messages": [{"role": "user", "content": "<image><image>"}, turn[1]]}
+    extra = [{"messages": turn}, {"messages": bad_text}, two, {"image": records[1]["image"], "text": "a caption"}]
+    data.write_text(data.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    n = model.vl_config.image_tokens
+    examples, skipped = load_vl_examples([data], tok, n, 512)
+    assert skipped == {"invalid": 2, "too_long": 0}
+    assert [e.image is None for e in examples] == [False, False, True, False]
+    assert all(e.ids.count(tok.image_id) == (0 if e.image is None else n) for e in examples)
+    loss, count = vl_loss(model, examples, 200, tok.pad_id, torch.device("cpu"))
+    assert torch.isfinite(loss) and count > 0
+    text_only, _ = vl_loss(model, [examples[2]], 200, tok.pad_id, torch.device("cpu"))
+    assert torch.isfinite(text_only)

@@ -160,14 +160,14 @@ def curate_images(inputs: list[str | Path], output: str | Path, eval_images: lis
     removed += [(i, "exact_dedup", f"same pixels as record {exact[i]}") for i in range(len(records)) if exact[i] != i]
     roots = near_duplicate_roots(hashes[alive], config.max_distance) if alive else np.zeros(0, np.int64)
     removed += [(i, "near_dedup", f"perceptual hash within {config.max_distance} bits of record {alive[r]}")
-                for i, r in zip(alive, roots) if alive[r] != i]
-    alive = [i for i, r in zip(alive, roots) if alive[r] == i]
+                for i, r in zip(alive, roots, strict=True) if alive[r] != i]
+    alive = [i for i, r in zip(alive, roots, strict=True) if alive[r] == i]
     eval_hashes = np.array([perceptual_hash(open_image(p, config.max_pixels)) for p in eval_images], np.uint64)
     if len(eval_hashes) and alive:
         d = hamming(hashes[alive][:, None], eval_hashes[None, :]).min(1)
         removed += [(i, "decontamination", f"perceptual hash within {int(x)} bits of an eval image")
-                    for i, x in zip(alive, d) if x <= config.max_distance]
-        alive = [i for i, x in zip(alive, d) if x > config.max_distance]
+                    for i, x in zip(alive, d, strict=True) if x <= config.max_distance]
+        alive = [i for i, x in zip(alive, d, strict=True) if x > config.max_distance]
     write_jsonl(out / "records.jsonl", (records[i][0] for i in alive))
     write_jsonl(out / "removed.jsonl", ({"image": records[i][0]["image"], "stage": s, "reason": r}
                                         for i, s, r in sorted(removed)))

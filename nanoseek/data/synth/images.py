@@ -115,7 +115,7 @@ def shapes_scene(rng: random.Random) -> ImageProblem:
     d = ImageDraw.Draw(image)
     cell = SIZE / 3
     placed = []
-    for c, colour, kind in zip(cells, colours, kinds):
+    for c, colour, kind in zip(cells, colours, kinds, strict=True):
         cx = (c % 3 + 0.5) * cell + rng.uniform(-2, 2)
         cy = (c // 3 + 0.5) * cell + rng.uniform(-2, 2)
         _draw_shape(d, kind, cx, cy, rng.uniform(6, 8.5), COLOURS[colour])
@@ -143,8 +143,8 @@ _FIGURE: list = []  # one Agg figure reused for every chart: creating a figure c
 def _figure_image(draw: Callable) -> Image.Image:
     """What `draw(ax)` plots on SIZE × SIZE pixels with a fixed 0-10 y axis (grid lines every 2)."""
     if not _FIGURE:
-        from matplotlib.figure import Figure
         from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         fig = Figure(figsize=(SIZE / 100, SIZE / 100), dpi=100)
         FigureCanvasAgg(fig)
@@ -191,7 +191,7 @@ def diagram_scene(rng: random.Random) -> ImageProblem:
     d = ImageDraw.Draw(image)
     font = ImageFont.truetype(_font_path("DejaVuSans-Bold.ttf"), 11)
     centres = []
-    for lab, c in zip(labels, cells):
+    for lab, c in zip(labels, cells, strict=True):
         cx, cy = (c % 2 + 0.5) * SIZE / 2, (c // 2 + 0.5) * SIZE / 2
         d.rectangle((cx - 9, cy - 9, cx + 9, cy + 9), outline=(0, 0, 0), width=1)
         d.text((cx, cy), lab, font=font, fill=(0, 0, 0), anchor="mm")
@@ -204,7 +204,8 @@ def diagram_scene(rng: random.Random) -> ImageProblem:
     d.line([tuple(a), tuple(b)], fill=(200, 0, 0), width=2)
     side = np.array([-v[1], v[0]])
     d.polygon([tuple(b), tuple(b - 6 * v + 3 * side), tuple(b - 6 * v - 3 * side)], fill=(200, 0, 0))
-    key = "diagram " + " ".join(f"{lab}{c}" for lab, c in sorted(zip(labels, cells))) + f" {labels[src]}>{labels[dst]}"
+    boxes = " ".join(f"{lab}{c}" for lab, c in sorted(zip(labels, cells, strict=True)))
+    key = f"diagram {boxes} {labels[src]}>{labels[dst]}"
     return ImageProblem(image, "diagram", "Which box does the arrow point to?", labels[dst], key)
 
 
