@@ -5,7 +5,8 @@
     GET  /v1/models
     POST /v1/chat/completions   stream or not; n, temperature, top_p, max_tokens, stop, seed, ...;
                                 the reasoning comes back as `reasoning_content` (DeepSeek's API);
-                                extensions: thinking (bool), verify (N chains), routing (experts per token)
+                                extensions: thinking (bool), verify (N chains), routing (experts per token);
+                                images (a VL checkpoint): `image_url` content parts in user messages
     POST /v1/completions        plain text completion
     POST /v1/feedback           thumbs up/down + comment, stored in SQLite (`nanoseek feedback export`)
     POST /v1/moderations        OpenAI's moderation API over the curation classifiers (toxicity, PII)
@@ -17,6 +18,14 @@ OpenAI-style refusal (HTTP 200, `finish_reason: "content_filter"`) and redacts P
 (`Access`): with --api-key every /v1/* and /admin/* route needs `Authorization: Bearer KEY` (401); POST bodies
 must be application/json (415) and come from the server's own page or an --allowed-origins origin (403), which
 also gets CORS answers (a browser's preflight) so that a page served elsewhere can call the API.
+
+Images. A user message's content parts may hold `{"type": "image_url", "image_url": {"url": "data:image/png;
+base64,..."}}` (`file://` URLs only under --allow-local-images DIR; http(s) is never fetched). Each image part
+becomes an `<image>` placeholder (and a newline) at its place in the message, expanded to the model's image tokens,
+and the decoded pixels ride with the engine request, whose prefill writes their features over the placeholders
+(`nanoseek.infer.engine`). Images are decoded off the event loop and checked before anything is queued
+(`nanoseek.infer.images`: format, --max-image-pixels, truncation, data URL syntax, at most --max-images); a bad one
+is a 400 naming its `messages[i].content[j]`, and a text-only model refuses any image with a 400.
 
 Concurrent requests share forward passes (continuous batching, `worker.EngineWorker`). Limits: body size (413),
 prompt length, max_tokens cap, n <= the engine's batch, a bounded queue (429 when full, 503 when the engine died).
@@ -48,9 +57,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoseek.data.curate.images import MAX_PIXELS
 from nanoseek.data.curate.pii import redact
+from nanoseek.data.tokenizer import IMAGE_TOKEN
 from nanoseek.infer.engine import Backend, TokenEvent
 from nanoseek.infer.engine import Request as EngineRequest
+from nanoseek.infer.images import ImageError, load_image_url
 from nanoseek.infer.moderation import MODES, Moderator
 from nanoseek.infer.reasoning import ReasoningSplitter, split_reasoning
 from nanoseek.infer.sampling import SamplingParams
@@ -67,6 +79,7 @@ from nanoseek.infer.serve.protocol import (
 )
 from nanoseek.infer.serve.worker import EngineWorker, GenerationFailed, QueueFull, WorkerDead
 from nanoseek.infer.verify import judge
+from nanoseek.model.vision import to_pixels
 
 
 @dataclass
@@ -76,6 +89,9 @@ class Limits:
     max_tokens_cap: int = 1024  # largest max_tokens a request may ask for (and the default)
     max_queue: int = 64  # samples waiting beyond the running batch before 429
     verify_threshold: float = 0.5
+    max_images: int = 8  # image parts per chat request
+    max_image_pixels: int = MAX_PIXELS  # width x height, read from the header before decoding
+    local_images_dir: Path | None = None  # file:// image URLs are read under this directory only (None: refused)
 
 
 @dataclass
@@ -290,10 +306,15 @@ class Server:
     # --- /v1/chat/completions -------------------------------------------------------------------
     async def chat(self, request: Request):
         req: ChatRequest = await self.parse(request, ChatRequest)
+        pixels = await self.images(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:  # in a thread: a long prompt takes the tokenizer a while, and the event loop serves every client
-            prompt = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
-                                             thinking=req.thinking)
+            if pixels is None:
+                prompt = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages,
+                                                 add_generation_prompt=True, thinking=req.thinking)
+            else:  # each <image> expands to the model's image tokens
+                prompt = (await asyncio.to_thread(self.tokenizer.encode_chat, messages, True, req.thinking,
+                                                  self.backend.image_tokens))[0]
         except ValueError as e:
             raise ApiError(str(e), "messages") from None
         if req.verify and (req.stream or req.n > 1):
@@ -302,7 +323,7 @@ class Server:
         n = req.verify or req.n
         params = self.params(req, len(prompt), req.max_completion_tokens or req.max_tokens, n,
                              "verify" if req.verify else "n")
-        engine_req = EngineRequest(prompt, params, routing=req.routing)
+        engine_req = EngineRequest(prompt, params, routing=req.routing, images=pixels)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         if self.blocks(await self.screen("prompt", messages, last_user)):
@@ -352,6 +373,38 @@ class Server:
                 self.remember(cid, i, messages, raw[i])
             body["choices"] = choices
         return JSONResponse(body)
+
+    async def images(self, req: ChatRequest):
+        """The pixels [k, 3, S, S] of the request's image parts in reading order (None without images), or a 400:
+        a text-only model, an image outside a user message, too many, or one that does not decode
+        (`nanoseek.infer.images`). Decoded in a thread: a large image takes a while, the event loop serves all."""
+        found = [(i, j, url) for i, m in enumerate(req.messages) for j, url in m.images()]
+        vl = self.backend.image_tokens > 0
+        for i, m in enumerate(req.messages):  # a VL tokenizer reads "<image>" as the placeholder id
+            if vl and m.text().count(IMAGE_TOKEN) != len(m.images()):
+                raise ApiError(f"messages[{i}]: the text holds {IMAGE_TOKEN!r}, which this model reserves for "
+                               "images; send images as image_url content parts", "messages")
+        if not found:
+            return None
+        if not vl:
+            raise ApiError(f"this model takes no images: {self.model_name} is a text-only model (send text "
+                           "content only)", "messages", code="images_not_supported")
+        for i, j, _ in found:
+            if req.messages[i].role != "user":
+                raise ApiError(f"messages[{i}].content[{j}]: images go in user messages, not in a "
+                               f"{req.messages[i].role} message", "messages")
+        lim = self.limits
+        if len(found) > lim.max_images:
+            raise ApiError(f"the request holds {len(found)} images; this server accepts at most {lim.max_images}",
+                           "messages")
+        def decode():
+            return to_pixels([load_image_url(url, f"messages[{i}].content[{j}]", lim.max_image_pixels,
+                                             lim.local_images_dir) for i, j, url in found], self.backend.image_size)
+
+        try:
+            return await asyncio.to_thread(decode)
+        except ImageError as e:
+            raise ApiError(str(e), "messages", code="invalid_image") from None
 
     async def chat_stream(self, req: ChatRequest, engine_req: EngineRequest, queue: asyncio.Queue, cid: str,
                           messages: list[dict]) -> AsyncIterator[str]:
@@ -683,6 +736,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require `Authorization: Bearer KEY` on /v1/* and /admin/* (default: $NANOSEEK_API_KEY)")
     parser.add_argument("--allowed-origins", default="", help="comma-separated web origins, besides the server's "
                         "own page, that may POST (e.g. http://localhost:3000; '*' for any)")
+    parser.add_argument("--allow-local-images", default=None, metavar="DIR", help="a VL model may read images "
+                        "from file:// URLs under DIR (default: file URLs are refused; data: URLs always work, "
+                        "http(s) URLs never: the server makes no network requests)")
+    parser.add_argument("--max-images", type=int, default=Limits.max_images, help="image parts per chat request")
+    parser.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels, help="largest image "
+                        "(width x height, from its header, before decoding); images travel inside the request "
+                        "body, so large ones may also need a larger --max-body-bytes")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -694,10 +754,15 @@ def main(args: argparse.Namespace) -> int:
         return load_engine(path or args.model, max_batch=args.max_batch, max_len=args.max_len,
                            speculative=args.speculative)
 
+    local = Path(args.allow_local_images) if args.allow_local_images else None
+    if local is not None and not local.is_dir():
+        print(f"nanoseek serve: error: --allow-local-images {local}: not a directory", file=sys.stderr)
+        return 2
     engine = loader()
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens or engine.max_len - 1,
                     max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
-                    verify_threshold=args.verify_threshold)
+                    verify_threshold=args.verify_threshold, max_images=args.max_images,
+                    max_image_pixels=args.max_image_pixels, local_images_dir=local)
     feedback = FeedbackStore(args.feedback_db) if args.feedback_db else None
     name = args.name or Path(args.model).resolve().name
     print(f"nanoseek serve: {name} on http://{args.host}:{args.port}/ (feedback: {args.feedback_db or 'off'})",

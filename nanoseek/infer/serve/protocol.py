@@ -7,7 +7,8 @@ they fit the engine's tensors, strings where their length costs the engine time.
 
     field                                 range
     messages (chat)                       1 or more; role system | user | assistant (not last); content a string
-                                          or [{"type": "text", "text": ...}]
+                                          or [{"type": "text", "text": ...}, {"type": "image_url", "image_url":
+                                          {"url": ...}}, ...] (images in user messages, for a VL model: `images`)
     prompt (completions)                  a string, 1+ strings, or 1+ token ids in [0, vocab)
     max_tokens, max_completion_tokens     1 .. 2^31-1, and at most the server's cap and the context left
     n                                     1 .. 128, and n x prompts at most the server's batch (+ queue)
@@ -32,9 +33,11 @@ they fit the engine's tensors, strings where their length costs the engine time.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nanoseek.data.tokenizer import IMAGE_TOKEN
 
 MAX_SAMPLES = 128  # n, verify (a server's batch is usually smaller and is checked too); feedback choice < this
 MAX_INT = 2**31 - 1  # max_tokens, top_k
@@ -64,12 +67,32 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str  # data:image/...;base64,... (or file://, where the server allows it: `nanoseek.infer.images`)
+    detail: Literal["auto", "low", "high"] = "auto"  # accepted as OpenAI's; a VL model has one resolution
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The content as the chat template reads it: each image part becomes `<image>` and a newline (the turn
+        the VL conversations train: `<image>\\nquestion`), at its place among the text parts."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text if isinstance(p, TextPart) else IMAGE_TOKEN + "\n" for p in self.content)
+
+    def images(self) -> list[tuple[int, str]]:
+        """(index in content, URL) of each image part, in order."""
+        if isinstance(self.content, str):
+            return []
+        return [(j, p.image_url.url) for j, p in enumerate(self.content) if isinstance(p, ImagePart)]
 
 
 class StreamOptions(_Strict):
@@ -174,8 +197,18 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     e = errors[0]
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    branch = next((i for i, p in enumerate(e.get("loc", ())) if _is_branch(p)), None)
+    if branch is not None:  # a value that fits no type of a union: the reason of the branch that got furthest
+        near = [x for x in errors if tuple(x.get("loc", ()))[:branch] == tuple(e["loc"][:branch])]
+        e = max(near, key=lambda x: len(x.get("loc", ())))
+    loc = [str(p) for p in e.get("loc", ()) if p != "body" and not _is_branch(p)]
     if e.get("type") == "json_invalid":
         return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
     path = ".".join(loc) or "body"
     return f"{path}: {e.get('msg', 'invalid value')}", loc[0] if loc else None
+
+
+def _is_branch(part) -> bool:
+    """A union member's label in a pydantic error location (`str`, `list[...]`, `tagged-union[...]`), which
+    names a type tried, not a field of the request."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
