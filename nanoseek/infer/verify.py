@@ -70,19 +70,20 @@ def vote(answers: Sequence[str | None], same: Callable[[str, str], bool] = answe
 
 
 def verify(backend: Backend, prompt: Sequence[int], n: int = 8, params: SamplingParams | None = None,
-           threshold: float = 0.5, prefill: str = "") -> Verdict:
+           threshold: float = 0.5, prefill: str = "", images=None) -> Verdict:
     """Sample n chains for `prompt` (token ids) in one batch and vote.
 
     params: sampling for the chains (default temperature 0.6, top-p 0.95 as DeepSeek-R1 evaluates; a seed
     makes the verdict reproducible); prefill: text the prompt already opened (`"<think>\\n"` in reasoning mode),
-    put back in front of each completion so answers inside an unclosed reasoning block do not count.
+    put back in front of each completion so answers inside an unclosed reasoning block do not count; images: the
+    prompt's pixels (a VL model, one image per `<image>`).
     """
     if n < 1:
         raise ValueError(f"verify needs n >= 1 chains, got {n}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"verify threshold must be in [0, 1], got {threshold}")
     params = replace(params or DEFAULT_PARAMS, n=n)
-    return judge([prefill + c.text for c in backend.generate([list(prompt)], params)], threshold)
+    return judge([prefill + c.text for c in backend.generate([list(prompt)], params, images=[images])], threshold)
 
 
 def judge(completions: Sequence[str], threshold: float = 0.5) -> Verdict:

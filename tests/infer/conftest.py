@@ -74,3 +74,12 @@ def chat_dir(tmp_path_factory, chat_model, tokenizer):
     chat_model.save_pretrained(path)
     tokenizer.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def vl_dir(chat_dir, tmp_path_factory):
+    """The chat checkpoint turned VL (`build_vl`: its tokenizer gains <image>, a fresh vl-debug tower and projector),
+    a directory `nanoseek serve` and `nanoseek chat` load as they are."""
+    from nanoseek.posttrain.vl import build_vl
+
+    return build_vl(chat_dir, tmp_path_factory.mktemp("vl_ckpt"), preset="vl-debug")

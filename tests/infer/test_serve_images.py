@@ -1,5 +1,5 @@
 """Image input to `nanoseek serve`: OpenAI `image_url` content parts through the official `openai` client, on a VL
-checkpoint built from the trained chat model (`build_vl`, loaded as `nanoseek serve` loads it), and the 400s of
+checkpoint built from the trained chat model (conftest's `vl_dir`, loaded as `nanoseek serve` loads it), and the 400s of
 every kind of bad image, with the server serving on."""
 
 import base64
@@ -55,14 +55,6 @@ def png_bomb(side: int = 100_000) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-@pytest.fixture(scope="module")
-def vl_dir(chat_dir, tmp_path_factory):
-    """The trained chat checkpoint turned VL (its tokenizer gains <image>, a fresh vl-debug tower and projector)."""
-    from nanoseek.posttrain.vl import build_vl
-
-    return build_vl(chat_dir, tmp_path_factory.mktemp("vl_ckpt"), preset="vl-debug")
 
 
 @pytest.fixture(scope="module")
