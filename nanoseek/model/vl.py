@@ -233,7 +233,7 @@ def is_vl_checkpoint(ckpt: Path) -> bool:
 
 def load_vl(ckpt: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> VLModel:
     """A VLModel from its checkpoint directory: each part through its own loader (and its checks)."""
-    from nanoseek.model.hf import load, read_tensors
+    from nanoseek.model.hf import check_state_dict, load, read_tensors
 
     ckpt = Path(ckpt)
     d = json.loads((ckpt / "config.json").read_text())
@@ -251,14 +251,7 @@ def load_vl(ckpt: str | Path, dtype: torch.dtype | None = None, device: str | to
     state = {**lm.state_dict(), **{f"vision.{k}": v for k, v in vision.state_dict().items()}, **projector}
     with torch.device("meta"):
         model = VLModel(cfg)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{ckpt}: missing {missing[:4]}, unexpected {unexpected[:4]} tensors")
-    for name, t in projector.items():
-        if t.shape != expected[name].shape:
-            raise ValueError(f"{ckpt / PROJECTOR_DIR}: tensor {name!r} has shape {tuple(t.shape)}, expected "
-                             f"{tuple(expected[name].shape)} from config.json")
+    check_state_dict(model, state, ckpt)  # the parts checked themselves: this finds the projector's faults
     model.load_state_dict(state, assign=True)
     model.rotary = lm.rotary
     if dtype is not None:

@@ -117,3 +117,18 @@ def test_image_token_leaves_text_ids_unchanged(tok):
     assert tok.encode("<image>") != [tok.image_id]  # text can never produce the control token
     with pytest.raises(ValueError, match="no <image> token"):
         plain.encode_chat(chat, image_tokens=5)
+
+
+def test_projector_faults_are_named(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "projector" / "model.safetensors")
+    tensors["layers.0.weight"] = tensors["layers.0.weight"][:, :-1].contiguous()
+    save_file(tensors, tmp_path / "projector" / "model.safetensors")
+    with pytest.raises(ValueError, match="projector.layers.0.weight.*shape"):
+        nanoseek.load(tmp_path)
+    del tensors["layers.0.weight"]
+    save_file(tensors, tmp_path / "projector" / "model.safetensors")
+    with pytest.raises(ValueError, match="missing tensor.*projector.layers.0.weight"):
+        nanoseek.load(tmp_path)
