@@ -755,9 +755,12 @@ def main(args: argparse.Namespace) -> int:
                            speculative=args.speculative)
 
     local = Path(args.allow_local_images) if args.allow_local_images else None
-    if local is not None and not local.is_dir():
-        print(f"nanoseek serve: error: --allow-local-images {local}: not a directory", file=sys.stderr)
-        return 2
+    for bad, why in ((local is not None and not local.is_dir(), f"--allow-local-images {local}: not a directory"),
+                     (args.max_images < 0, f"--max-images {args.max_images}: must be 0 or more"),
+                     (args.max_image_pixels < 1, f"--max-image-pixels {args.max_image_pixels}: must be positive")):
+        if bad:
+            print(f"nanoseek serve: error: {why}", file=sys.stderr)
+            return 2
     engine = loader()
     limits = Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens or engine.max_len - 1,
                     max_tokens_cap=args.max_tokens_cap, max_queue=args.max_queue,
