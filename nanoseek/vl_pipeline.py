@@ -166,13 +166,11 @@ def _samples_figure(records: list[dict[str, Any]], samples: list[dict[str, Any]]
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    picks, seen = [], set()
+    by_task: dict[str, list] = {}
     for r, s in zip(records, samples, strict=True):
-        if s["task"] not in seen or len(picks) < 12:
-            picks.append((r, s))
-            seen.add(s["task"])
-        if len(picks) == 12:
-            break
+        by_task.setdefault(s["task"], []).append((r, s))
+    picks = [pair for rank in range(12) for pairs in by_task.values() if rank < len(pairs)
+             for pair in [pairs[rank]]][:12]  # round robin over the tasks: every task shows
     fig, axes = plt.subplots(2, 6, figsize=(12, 4.8))
     for ax, (r, s) in zip(axes.flat, picks, strict=False):
         ax.imshow(Image.open(root / r["image"]))

@@ -207,6 +207,8 @@ def vl_train(recipe: dict[str, Any], out_dir: str | Path, init: str | Path | Non
         if not isinstance(model, VLModel):
             raise ValueError(f"[{section}] init={init}: not a VL checkpoint (build one with build_vl)")
         examples, skipped = load_vl_examples(paths, policy.tokenizer, model.vl_config.image_tokens, cfg.seq_len + 1)
+        if "language" not in cfg.train:  # a text conversation gives a frozen language model no gradient
+            examples = [e for e in examples if e.image is not None]
         if note := skipped_note(skipped, "image conversations", cfg.seq_len + 1):
             print(f"{section}: {note}", file=sys.stderr)
         train, val = split_validation(examples, cfg.val_fraction, cfg.seed)
