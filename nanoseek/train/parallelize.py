@@ -101,6 +101,9 @@ def init_parallel(mode: str | None, ep: int = 1, device: str = "auto", pp: int =
     mode = mode or ("ddp" if world > 1 else "none")
     if mode not in MODES:
         raise ValueError(f"--parallel {mode!r}: expected one of {MODES}")
+    for flag, n in (("--expert-parallel", ep), ("--pipeline-parallel", pp)):
+        if n < 1:
+            raise ValueError(f"{flag} {n}: expected a process count of at least 1")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if world == 1:
@@ -110,7 +113,7 @@ def init_parallel(mode: str | None, ep: int = 1, device: str = "auto", pp: int =
         return Parallel(device=torch.device(device))
     if mode == "none":
         raise ValueError(f"{world} processes need --parallel ddp or --parallel fsdp")
-    if pp < 1 or world % pp:
+    if world % pp:
         raise ValueError(f"--pipeline-parallel {pp} must divide the number of processes ({world})")
     if (world // pp) % ep:
         raise ValueError(f"--expert-parallel {ep} must divide the processes per pipeline stage ({world // pp})")

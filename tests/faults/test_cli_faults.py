@@ -135,3 +135,11 @@ def test_a_full_disk_during_pretraining_is_one_line_and_leaves_the_last_checkpoi
     assert f"no space left on device while saving {run / 'checkpoints' / 'step_0000002'}" in line
     assert f"the last complete one is {run / 'checkpoints' / 'step_0000001'}" in line
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000001"]  # nothing partial
+
+
+@pytest.mark.parametrize("flag", ["--expert-parallel", "--pipeline-parallel"])
+def test_a_process_count_below_one_is_one_line(flag, tmp_path, capsys):
+    assert cli(["pretrain", "--recipe", "debug", "--out", str(tmp_path), flag, "0"]) == 2
+    assert capsys.readouterr().err.strip() == f"nanoseek pretrain: error: {flag} 0: expected a process count of " \
+                                              f"at least 1"
+    assert not any(tmp_path.iterdir())  # refused before anything was written
