@@ -47,11 +47,17 @@ def test_greedy_tokens_are_the_argmax_of_the_full_forward():
     model = random_model(1)
     torch.manual_seed(2)
     prompts = [torch.randint(3, 512, (n,)).tolist() for n in (3, 11)]
-    completions = Engine(model, max_batch=2).generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    assert_engine_is_greedy_forward(Engine(model, max_batch=2), prompts, 12)
+
+
+def assert_engine_is_greedy_forward(engine: Engine, prompts: list[list[int]], max_tokens: int) -> None:
+    """The engine's greedy tokens (a batch of ragged prompts) equal the argmax of the model's full forward over
+    prompt + completion."""
+    completions = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     for c, prompt in zip(completions, prompts, strict=True):
         seq = torch.tensor([prompt + c.tokens])
         with torch.no_grad():
-            argmax = model(seq).argmax(-1)[0, len(prompt) - 1:-1]
+            argmax = engine.model(seq).argmax(-1)[0, len(prompt) - 1:-1]
         assert argmax.tolist() == c.tokens
 
 

@@ -9,7 +9,7 @@ import nanoseek
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model import ModelConfig, Transformer, preset
-from tests.infer.test_engine import assert_decoder_matches_model
+from tests.infer.test_engine import assert_decoder_matches_model, assert_engine_is_greedy_forward
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,12 +119,7 @@ def test_engine_greedy_is_the_full_forward_argmax(q_lora_rank):
     prompts = [torch.randint(3, 512, (n,)).tolist() for n in (3, 11, 20)]
     engine = Engine(model, max_batch=3)
     assert engine.cache.index_k is not None and engine.cache.index_k.shape[-1] == 16
-    completions = engine.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
-    for c, prompt in zip(completions, prompts, strict=True):
-        seq = torch.tensor([prompt + c.tokens])
-        with torch.no_grad():
-            argmax = model(seq).argmax(-1)[0, len(prompt) - 1:-1]
-        assert argmax.tolist() == c.tokens
+    assert_engine_is_greedy_forward(engine, prompts, 16)
 
 
 @pytest.mark.parametrize("compile", [False, True])
