@@ -1,14 +1,22 @@
 """Built-in image tasks (deterministic, train and eval disjoint by scene, answers computed from the scene) and
-image curation (rejects, exact and perceptual-hash dedup, decontamination, the manifest's accounting)."""
+image curation (rejects, exact and perceptual-hash + colour dedup, decontamination, the manifest's accounting)."""
 
+import io
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from nanoseek.data.curate.images import ImageCurateConfig, curate_images, open_image, perceptual_hash
-from nanoseek.data.synth.images import SCENES, make_image_problems, write_image_set
+from nanoseek.data.curate.images import (
+    ImageCurateConfig,
+    colour_distance,
+    colour_layout,
+    curate_images,
+    open_image,
+    perceptual_hash,
+)
+from nanoseek.data.synth.images import COLOURS, SCENES, _draw_shape, make_image_problems, write_image_set
 from nanoseek.data.synth.tasks import split_of
 
 
@@ -80,3 +88,64 @@ def test_perceptual_hash_and_limits(tmp_path):
         open_image(tmp_path / "x.tiff")
     with pytest.raises(ValueError, match="max_distance"):
         ImageCurateConfig(max_distance=9).validate()
+    with pytest.raises(ValueError, match="max_colour_distance"):
+        ImageCurateConfig(max_colour_distance=-1).validate()
+
+
+def _curate(tmp_path, train: dict[str, Image.Image], held: dict[str, Image.Image] = ()) -> tuple[dict, list[str]]:
+    """Curate PNGs `train` (name -> image, in order) against eval PNGs `held`: the manifest and the kept names."""
+    for name, im in {**train, **dict(held)}.items():
+        im.save(tmp_path / f"{name}.png")
+    jsonl = tmp_path / "records.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": f"{n}.png", "text": n}) + "\n" for n in train))
+    m = curate_images([jsonl], tmp_path / "out", [tmp_path / f"{n}.png" for n in dict(held)])
+    kept = [json.loads(line)["text"] for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    return m, kept
+
+
+def _shapes(colours: list[str]) -> Image.Image:
+    im = Image.new("RGB", (64, 64), (240, 240, 240))
+    d = ImageDraw.Draw(im)
+    for (cx, cy, kind), colour in zip([(16, 16, "circle"), (48, 20, "square"), (30, 48, "triangle")], colours,
+                                      strict=True):
+        _draw_shape(d, kind, cx, cy, 6, COLOURS[colour])
+    return im
+
+
+def test_colour_only_differences_are_not_duplicates(tmp_path):
+    """Issue #18: the grey perceptual hash calls same-place shapes of other colours the same image; the colour
+    layout keeps them apart, in near_dedup and in decontamination."""
+    a, b, c = _shapes(["red", "green", "blue"]), _shapes(["blue", "green", "red"]), _shapes(["purple", "green",
+                                                                                              "blue"])
+    max_bits = ImageCurateConfig().max_distance
+    for x in (b, c):
+        assert bin(perceptual_hash(a) ^ perceptual_hash(x)).count("1") <= max_bits  # grey: "the same"
+        assert colour_distance(colour_layout(a), colour_layout(x)) > ImageCurateConfig().max_colour_distance
+    m, kept = _curate(tmp_path, {"a": a, "b": b}, {"c": c})
+    assert kept == ["a", "b"] and m["totals"]["removed"] == 0
+    assert m["config"]["max_colour_distance"] == ImageCurateConfig().max_colour_distance
+
+
+def test_noised_and_reencoded_copies_are_duplicates(tmp_path):
+    """A copy with pixel noise, a JPEG re-encoding of it, and an exact copy are removed (near_dedup, exact_dedup),
+    and a noised copy of an eval image is decontaminated."""
+    a, other = (p.image for p in make_image_problems("chart", 2, 5))
+    shape = _shapes(["red", "green", "blue"])
+
+    def noised(im, seed):
+        x = np.asarray(im, np.float32) + np.random.default_rng(seed).normal(0, 4, (64, 64, 3))
+        return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+
+    def jpeg(im):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+    train = {"a": a, "a_noised": noised(a, 0), "a_jpeg": jpeg(a), "a_copy": a.copy(), "other": other,
+             "shape_jpeg": jpeg(noised(shape, 1))}
+    m, kept = _curate(tmp_path, train, {"shape": shape})
+    assert kept == ["a", "other"]
+    assert {s: v["removed"] for s, v in m["stages"].items()} == {"exact_dedup": 1, "near_dedup": 2,
+                                                                 "decontamination": 1}
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "removed.jsonl").read_text().splitlines()]
+    assert any("colours within" in r for r in reasons) and any("same pixels" in r for r in reasons)
