@@ -3,15 +3,23 @@ pretraining minutes, each with its 95% interval (README, "Where the lift comes f
 
     python bench/learning_study.py --run runs/nanoseek --out runs/study
     python bench/learning_study.py --run runs/nanoseek --out runs/study --parts rl --rl-minutes 1,2,5,10
+    python bench/learning_study.py --run runs/nanoseek --out runs/study --parts rl --stages r1_zero \
+        --rl-steps 100,200 --set beta=0.04 --tag kl            # a lever: the recipe's RL table with a field changed
 
 (rl)       RL minutes. Each RL stage of the run (r1_zero from the run's base, r1 from its SFT model) is trained
            again from the same start, on the task and level the run's stage trained on, for the largest of
            --rl-minutes of RL time (generation + update; held-out curves off), saving a checkpoint as its RL
            time passes each mark (GRPOConfig.save_at_s). One run gives every row: its schedule is the recipe's,
-           nearly constant over these minutes, so a mark stands for a run stopped there.
+           nearly constant over these minutes, so a mark stands for a run stopped there. --rl-steps marks
+           steps instead (levers that change the time per step are then compared per step; each row gives
+           its RL seconds); --set FIELD=VALUE changes a field of the stage's recipe table (VALUE in JSON or a
+           bare string), --tag names the variant's directory (OUT/rl_<stage>_<tag>).
 (pretrain) Pretraining minutes. The recipe's model is pretrained on the run's tokens for each of
            --pretrain-steps (the recipe's own count is the run's base, not trained again), then given the
            run's R1-Zero stage ([grpo_zero], fixed to the run's task and level, the recipe's RL budget).
+
+On arithmetic, each row also classifies the wrong samples by the two worked steps the model wrote
+(`arithmetic_errors`): a fact wrong, or both facts right and an operand copied wrong from the question.
 
 Every model is scored by the evaluator the run uses, on the run's rl_n held-out problems of that task and level
 (k samples at T 0.6 / top-p 0.95, the run's eval seed), and each lift is paired with its start model.
@@ -23,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -68,26 +78,69 @@ def checkpoints_by_rl_time(stage_dir: Path) -> list[tuple[float, Path]]:
     return out
 
 
-def rl_minutes(run: Run, stage: str, minutes: list[float], out: Path, cfg: EvalConfig) -> list[dict[str, Any]]:
+STEP = re.compile(r"(-?\d+) ([+-]) (-?\d+) = (-?\d+)")
+
+
+def arithmetic_errors(samples: Path) -> dict[str, float]:
+    """Shares of an arithmetic evaluation's samples (its samples.jsonl): correct; `copy` (both worked steps are
+    true facts and the second starts from the first's result, yet the answer is wrong: an operand or operator
+    copied wrong from the question, "8 - 8 = 0 / 0 + 6 = 6" for 8 - 5 + 6); `fact1` / `fact2` (that step's fact
+    is wrong); `carry` (the second step does not start from the first's result); `other` (not two worked steps)."""
+    counts = dict.fromkeys(("correct", "copy", "fact1", "fact2", "carry", "other"), 0)
+    for line in samples.read_text().splitlines():
+        r = json.loads(line)
+        if r["task"] != "arithmetic":
+            continue
+        steps = STEP.findall(r["completion"])
+        if r["correct"]:
+            kind = "correct"
+        elif len(steps) < 2:
+            kind = "other"
+        else:
+            (a, op1, b, x), (x2, op2, c, y) = [tuple(int(v) if v not in "+-" else v for v in st) for st in steps[:2]]
+            true = lambda p, op, q, r: r == (p + q if op == "+" else p - q)  # noqa: E731
+            kind = ("fact1" if not true(a, op1, b, x) else "carry" if x2 != x else
+                    "fact2" if not true(x2, op2, c, y) else "copy")
+        counts[kind] += 1
+    total = sum(counts.values()) or 1
+    return {k: v / total for k, v in counts.items()}
+
+
+def rl_curve(run: Run, stage: str, marks: list[float], out: Path, cfg: EvalConfig, by_steps: bool = False,
+             fields: dict[str, Any] | None = None, tag: str = "") -> list[dict[str, Any]]:
+    """The stage retrained from its start with a checkpoint at each mark (RL seconds, or steps with by_steps),
+    every checkpoint scored on the run's held-out problems of the stage's task."""
     table, start_stage = RL_STAGES[stage]
     target = rl_target(run.recipe, table, run.stage_dir(stage))
-    template = from_dict(GRPOConfig, run.recipe[table], table).template
-    marks = [m * 60 for m in minutes]
-    recipe = fixed_table(run.recipe, table, target, time_budget_s=max(marks), max_steps=1_000_000, save_at_s=marks,
-                         keep_checkpoints=len(marks) + 1, eval_problems=0)
-    stage_out = out / f"rl_{stage}"
-    if not (stage_out / "checkpoints").exists() or len(checkpoints_by_rl_time(stage_out)) < len(marks):
+    fields = fields or {}
+    template = from_dict(GRPOConfig, {**run.recipe[table], **fields}, table).template
+    if by_steps:
+        every = math.gcd(*(int(m) for m in marks))  # a checkpoint at every mark (and between, when they're uneven)
+        marks_at = dict(time_budget_s=0, max_steps=int(max(marks)), save_every=every,
+                        keep_checkpoints=int(max(marks)) // every + 1)
+    else:
+        marks_at = dict(time_budget_s=max(marks), max_steps=1_000_000, save_at_s=marks,
+                        keep_checkpoints=len(marks) + 1)
+    recipe = fixed_table(run.recipe, table, target, eval_problems=0, **marks_at, **fields)
+    stage_out = out / (f"rl_{stage}_{tag}" if tag else f"rl_{stage}")
+    done = checkpoints_by_rl_time(stage_out) if (stage_out / "checkpoints").exists() else []
+    if len(done) < len(marks):
         grpo(recipe, stage_out, init=run.checkpoint(start_stage), resume=stage_out.exists(), progress=False,
              section=table)
     start = score(run.checkpoint(start_stage), target, template, cfg, stage_out / "eval" / "start")
-    rows = [{"stage": stage, "trained_on": describe_target(target), "rl_seconds": 0.0, "steps": 0,
+    rows = [{"stage": stage, "trained_on": describe_target(target), "rl_seconds": 0.0, "steps": 0, "set": fields,
              **paired_lift(start, start, target[0])}]
+    evals = [stage_out / "eval" / "start"]
     for seconds, ckpt in checkpoints_by_rl_time(stage_out):
         end = score(ckpt, target, template, cfg, stage_out / "eval" / ckpt.name)
         step = json.loads((ckpt / "nanoseek.json").read_text())["step"]
         rows.append({"stage": stage, "trained_on": describe_target(target), "rl_seconds": seconds, "steps": step,
-                     **paired_lift(start, end, target[0])})
+                     "set": fields, **paired_lift(start, end, target[0])})
+        evals.append(stage_out / "eval" / ckpt.name)
         print(f"  {stage} after {seconds / 60:.1f} RL min (step {step}): pass@1 {rows[-1]['end']:.3f}", flush=True)
+    if "arithmetic" in target[0]:
+        for row, where in zip(rows, evals, strict=True):
+            row["errors"] = arithmetic_errors(where / "samples.jsonl")
     return rows
 
 
@@ -142,10 +195,15 @@ def print_tables(result: dict[str, Any]) -> None:
     for stage, rows in result.get("rl", {}).items():
         print(f"\n{stage} ({rows[0]['trained_on']}, {rows[0]['n_problems']} held-out problems × {rows[0]['k']}): "
               "pass@1 (%) against RL minutes\n")
-        print("| RL minutes | steps | pass@1 | 95% CI | lift | lift 95% CI |\n|---|---|---|---|---|---|")
+        errors = "errors" in rows[0]
+        print("| RL minutes | steps | pass@1 | 95% CI | lift | lift 95% CI |" + (
+            " copy errors | fact 1 wrong | fact 2 wrong |" if errors else "") + "\n|---|---|---|---|---|---|" + (
+            "---|---|---|" if errors else ""))
         for r in rows:
             print(f"| {r['rl_seconds'] / 60:.1f} | {r['steps']} | {pct(r['end'])} | {ci(r['end_ci'])} | "
-                  f"{r['lift'] * 100:+.1f} | {ci(r['lift_ci'], True)} |")
+                  f"{r['lift'] * 100:+.1f} | {ci(r['lift_ci'], True)} |" + (
+                      f" {pct(r['errors']['copy'])} | {pct(r['errors']['fact1'])} | {pct(r['errors']['fact2'])} |"
+                      if errors else ""))
     rows = result.get("pretrain")
     if rows:
         print(f"\nR1-Zero ({rows[0]['trained_on']}) against pretraining minutes: pass@1 (%)\n")
@@ -163,6 +221,10 @@ def main() -> int:
     p.add_argument("--parts", default="rl,pretrain", help="rl, pretrain or both (default)")
     p.add_argument("--stages", default="r1_zero,r1", help="RL stages for the RL-minutes part")
     p.add_argument("--rl-minutes", default="1,2,5,10")
+    p.add_argument("--rl-steps", default="", help="marks in RL steps instead of minutes, e.g. 100,200")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change a field of the RL stage's recipe table (VALUE in JSON, or a bare string)")
+    p.add_argument("--tag", default="", help="the variant's name: its directory is OUT/rl_<stage>_<tag>")
     p.add_argument("--pretrain-steps", default="450,1350,2700")
     args = p.parse_args()
     if not (args.run / "eval" / "stage.json").exists():
@@ -175,10 +237,26 @@ def main() -> int:
     path = args.out / "study.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     parts = args.parts.split(",")
+    fields = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"learning_study: --set {item!r}: expected FIELD=VALUE", file=sys.stderr)
+            return 2
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    if fields and not args.tag:
+        print("learning_study: --set needs --tag (the variant's own directory)", file=sys.stderr)
+        return 2
     if "rl" in parts:
-        minutes = [float(m) for m in args.rl_minutes.split(",")]
+        by_steps = bool(args.rl_steps)
+        marks = [float(m) for m in (args.rl_steps or args.rl_minutes).split(",")]
+        marks = marks if by_steps else [m * 60 for m in marks]
         for stage in args.stages.split(","):
-            result.setdefault("rl", {})[stage] = rl_minutes(run, stage, minutes, args.out, cfg)
+            key = f"{stage}_{args.tag}" if args.tag else stage
+            result.setdefault("rl", {})[key] = rl_curve(run, stage, marks, args.out, cfg, by_steps, fields, args.tag)
         path.write_text(json.dumps(result, indent=1))
     if "pretrain" in parts:
         result["pretrain"] = pretrain_minutes(run, [int(s) for s in args.pretrain_steps.split(",")],

@@ -2,6 +2,8 @@
 stage, an interrupted run that resumes; and the recipe checks that fail before any training starts."""
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from nanoseek.config import RECIPE_DIR, load_recipe
 from nanoseek.eval.report import MODELS
 from nanoseek.pipeline import STAGES, check_recipe, run_pipeline
 
+ROOT = Path(__file__).resolve().parents[1]
 STAGE_NAMES = [name for name, _ in STAGES]
 TEMPLATES = {"base": "r1_zero", "r1_zero": "r1_zero", "sft": "chat", "r1": "chat", "student": "chat",
              "student_rl": "r1_zero"}
@@ -216,3 +219,41 @@ def test_a_child_recipe_table_replaces_its_bases_whole(tmp_path):
     for name in children:  # every built-in child's tables are its own
         own = tomllib.loads((RECIPE_DIR / f"{name}.toml").read_text())
         assert all(load_recipe(name)[t] == v for t, v in own.items() if isinstance(v, dict))
+
+
+def test_learning_study_measures_a_lever_per_step_with_error_classes(run, tmp_path):
+    """bench/learning_study.py on the debug run: an RL stage retrained with a table field changed (--set, --tag),
+    checkpoints at step marks, each scored with the paired lift and the arithmetic error classes."""
+    out, _ = run
+    study = tmp_path / "study"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_study.py"), "--run", str(out), "--out",
+                           str(study), "--parts", "rl", "--stages", "r1_zero", "--rl-steps", "1,2", "--set",
+                           "beta=0.04", "--tag", "kl"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((study / "study.json").read_text())["rl"]["r1_zero_kl"]
+    assert [r["steps"] for r in rows] == [0, 1, 2]
+    assert all(r["set"] == {"beta": 0.04} for r in rows)
+    recipe = json.loads((study / "rl_r1_zero_kl" / "checkpoints" / "step_0000002" / "nanoseek.json").read_text())
+    assert recipe["recipe"]["grpo_zero"]["beta"] == 0.04
+    for r in rows:
+        assert sum(r["errors"].values()) == pytest.approx(1.0) and r["errors"]["correct"] == pytest.approx(r["end"])
+    assert "copy errors" in proc.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_study.py"), "--run", str(out), "--out",
+                          str(study), "--parts", "rl", "--set", "beta=0.04"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--tag" in bad.stderr
+
+
+def test_arithmetic_errors_classifies_the_worked_steps(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learning_study import arithmetic_errors
+
+    rows = [("<think>\n8 - 5 = 3\n3 + 6 = 9\n</think>", True),   # correct
+            ("<think>\n8 - 8 = 0\n0 + 6 = 6\n</think>", False),  # true facts, an operand copied wrong
+            ("<think>\n8 - 5 = 2\n2 + 6 = 8\n</think>", False),  # first fact wrong
+            ("<think>\n8 - 5 = 3\n3 + 6 = 8\n</think>", False),  # second fact wrong
+            ("<think>\n8 - 5 = 3\n4 + 6 = 10\n</think>", False),  # the second step does not carry the first
+            ("<answer>9</answer>", False)]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"task": "arithmetic", "completion": c, "correct": ok}) + "\n"
+                            for c, ok in rows) + json.dumps({"task": "logic", "completion": "", "correct": False}))
+    assert arithmetic_errors(path) == dict.fromkeys(("correct", "copy", "fact1", "fact2", "carry", "other"), 1 / 6)
