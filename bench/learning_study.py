@@ -12,7 +12,7 @@ pretraining minutes, each with its 95% interval (README, "Where the lift comes f
            time passes each mark (GRPOConfig.save_at_s). One run gives every row: its schedule is the recipe's,
            nearly constant over these minutes, so a mark stands for a run stopped there. --rl-steps marks
            steps instead (levers that change the time per step are then compared per step; each row gives
-           its RL seconds); --set FIELD=VALUE changes a field of the stage's recipe table (VALUE in JSON or a
+           its RL seconds); --set FIELD=VALUE changes a field of the stage's recipe table (VALUE in TOML or a
            bare string), --tag names the variant's directory (OUT/rl_<stage>_<tag>).
 (pretrain) Pretraining minutes. The recipe's model is pretrained on the run's tokens for each of
            --pretrain-steps (the recipe's own count is the run's base, not trained again), then given the
@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanoseek.config import from_dict
+from nanoseek.common import write_json
+from nanoseek.config import from_dict, set_path
 from nanoseek.eval.evaluate import evaluate
 from nanoseek.eval.report import paired_lift
 from nanoseek.pipeline import EvalConfig, Run, _pretrain, describe_target, rl_target
@@ -81,6 +82,10 @@ def checkpoints_by_rl_time(stage_dir: Path) -> list[tuple[float, Path]]:
 STEP = re.compile(r"(-?\d+) ([+-]) (-?\d+) = (-?\d+)")
 
 
+def _holds(a: int, op: str, b: int, result: int) -> bool:
+    return result == (a + b if op == "+" else a - b)
+
+
 def arithmetic_errors(samples: Path) -> dict[str, float]:
     """Shares of an arithmetic evaluation's samples (its samples.jsonl): correct; `copy` (both worked steps are
     true facts and the second starts from the first's result, yet the answer is wrong: an operand or operator
@@ -98,9 +103,8 @@ def arithmetic_errors(samples: Path) -> dict[str, float]:
             kind = "other"
         else:
             (a, op1, b, x), (x2, op2, c, y) = [tuple(int(v) if v not in "+-" else v for v in st) for st in steps[:2]]
-            true = lambda p, op, q, r: r == (p + q if op == "+" else p - q)  # noqa: E731
-            kind = ("fact1" if not true(a, op1, b, x) else "carry" if x2 != x else
-                    "fact2" if not true(x2, op2, c, y) else "copy")
+            kind = ("fact1" if not _holds(a, op1, b, x) else "carry" if x2 != x else
+                    "fact2" if not _holds(x2, op2, c, y) else "copy")
         counts[kind] += 1
     total = sum(counts.values()) or 1
     return {k: v / total for k, v in counts.items()}
@@ -167,7 +171,7 @@ def pretrain_minutes(run: Run, steps_list: list[int], out: Path, cfg: EvalConfig
                 t0 = time.perf_counter()
                 info = _pretrain(study, name, study.stage_dir(name).exists(), overrides=overrides)
                 info["wall_seconds"] = time.perf_counter() - t0
-                (study.stage_dir(name) / "stage.json").write_text(json.dumps(info))
+                write_json(study.stage_dir(name) / "stage.json", info)
             base, pretrain_s = out / info["checkpoint"], info["wall_seconds"]
             rl_dir = out / f"r1_zero_{steps}"
             if not (rl_dir / "checkpoints").exists() or not any((rl_dir / "checkpoints").glob("step_*")):
@@ -223,7 +227,7 @@ def main() -> int:
     p.add_argument("--rl-minutes", default="1,2,5,10")
     p.add_argument("--rl-steps", default="", help="marks in RL steps instead of minutes, e.g. 100,200")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="change a field of the RL stage's recipe table (VALUE in JSON, or a bare string)")
+                   help="change a field of the RL stage's recipe table (VALUE in TOML, or a bare string)")
     p.add_argument("--tag", default="", help="the variant's name: its directory is OUT/rl_<stage>_<tag>")
     p.add_argument("--pretrain-steps", default="450,1350,2700")
     args = p.parse_args()
@@ -237,16 +241,18 @@ def main() -> int:
     path = args.out / "study.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     parts = args.parts.split(",")
-    fields = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            print(f"learning_study: --set {item!r}: expected FIELD=VALUE", file=sys.stderr)
-            return 2
-        try:
-            fields[key] = json.loads(value)
-        except json.JSONDecodeError:
-            fields[key] = value
+    fields: dict[str, Any] = {}
+    try:
+        for item in args.set:
+            set_path(fields, item)  # the CLI's own --set: TOML values, bare strings unquoted
+        for stage in args.stages.split(","):  # an unknown stage or field fails here, not after minutes of RL
+            table = RL_STAGES[stage][0] if stage in RL_STAGES else None
+            if table is None:
+                raise ValueError(f"--stages: unknown stage {stage!r}; known: {', '.join(RL_STAGES)}")
+            from_dict(GRPOConfig, {**run.recipe[table], **fields}, table)
+    except ValueError as e:
+        print(f"learning_study: {e}", file=sys.stderr)
+        return 2
     if fields and not args.tag:
         print("learning_study: --set needs --tag (the variant's own directory)", file=sys.stderr)
         return 2
@@ -257,11 +263,11 @@ def main() -> int:
         for stage in args.stages.split(","):
             key = f"{stage}_{args.tag}" if args.tag else stage
             result.setdefault("rl", {})[key] = rl_curve(run, stage, marks, args.out, cfg, by_steps, fields, args.tag)
-        path.write_text(json.dumps(result, indent=1))
+        write_json(path, result)
     if "pretrain" in parts:
         result["pretrain"] = pretrain_minutes(run, [int(s) for s in args.pretrain_steps.split(",")],
                                               args.out / "pretrain", cfg)
-        path.write_text(json.dumps(result, indent=1))
+        write_json(path, result)
     print_tables(result)
     return 0
 

@@ -241,6 +241,10 @@ def test_learning_study_measures_a_lever_per_step_with_error_classes(run, tmp_pa
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_study.py"), "--run", str(out), "--out",
                           str(study), "--parts", "rl", "--set", "beta=0.04"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--tag" in bad.stderr
+    typo = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_study.py"), "--run", str(out), "--out",
+                           str(study), "--parts", "rl", "--set", "betta=0.04", "--tag", "x"], capture_output=True,
+                          text=True)
+    assert typo.returncode == 2 and "betta" in typo.stderr and "Traceback" not in typo.stderr
 
 
 def test_arithmetic_errors_classifies_the_worked_steps(tmp_path):
