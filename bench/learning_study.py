@@ -5,6 +5,7 @@ pretraining minutes, each with its 95% interval (README, "Where the lift comes f
     python bench/learning_study.py --run runs/nanoseek --out runs/study --parts rl --rl-minutes 1,2,5,10
     python bench/learning_study.py --run runs/nanoseek --out runs/study --parts rl --stages r1_zero \
         --rl-steps 100,200 --set beta=0.04 --tag kl            # a lever: the recipe's RL table with a field changed
+    python bench/learning_study.py --run runs/nanoseek --out runs/study --parts facts   # seconds
 
 (rl)       RL minutes. Each RL stage of the run (r1_zero from the run's base, r1 from its SFT model) is trained
            again from the same start, on the task and level the run's stage trained on, for the largest of
@@ -17,9 +18,12 @@ pretraining minutes, each with its 95% interval (README, "Where the lift comes f
 (pretrain) Pretraining minutes. The recipe's model is pretrained on the run's tokens for each of
            --pretrain-steps (the recipe's own count is the run's base, not trained again), then given the
            run's R1-Zero stage ([grpo_zero], fixed to the run's task and level, the recipe's RL budget).
+(facts)    Which number facts the run's base and SFT model know (`fact_probe`): every fact arithmetic level 2
+           uses, asked greedily in its worked-solution place, error rates by kind (single digit or teen, + or -).
 
 On arithmetic, each row also classifies the wrong samples by the two worked steps the model wrote
-(`arithmetic_errors`): a fact wrong, or both facts right and an operand copied wrong from the question.
+(`arithmetic_errors`): a fact wrong, or both facts right and an operand copied wrong from the question; and
+gives the error rate of the facts those steps state, by kind (`fact_errors`).
 
 Every model is scored by the evaluator the run uses, on the run's rl_n held-out problems of that task and level
 (k samples at T 0.6 / top-p 0.95, the run's eval seed), and each lift is paired with its start model.
@@ -110,6 +114,63 @@ def arithmetic_errors(samples: Path) -> dict[str, float]:
     return {k: v / total for k, v in counts.items()}
 
 
+FACT_KINDS = ("digit +", "digit -", "teen +", "teen -")
+
+
+def fact_errors(samples: Path) -> dict[str, float]:
+    """Error rate of each kind of number fact in an arithmetic evaluation's worked steps (the first two of each
+    sample): "digit" facts start from a single digit (a level-2 chain's first step), "teen" facts from 10-18 (its
+    second step after a sum past 9), each with + or - (None for a kind no sample wrote). Shows which facts a base
+    lacks, whatever the answers."""
+    wrong, seen = dict.fromkeys(FACT_KINDS, 0), dict.fromkeys(FACT_KINDS, 0)
+    for line in samples.read_text().splitlines():
+        r = json.loads(line)
+        if r["task"] != "arithmetic":
+            continue
+        for a, op, b, result in STEP.findall(r["completion"])[:2]:
+            kind = f"{'teen' if int(a) > 9 else 'digit'} {op}"
+            seen[kind] += 1
+            wrong[kind] += not _holds(int(a), op, int(b), int(result))
+    return {k: wrong[k] / seen[k] if seen[k] else None for k in FACT_KINDS}  # None: no such step written
+
+
+def level2_facts() -> list[tuple[int, str, int]]:
+    """Every fact a level-2 chain can use: a + b and a - b (b <= a) for a first number up to 18, b a digit."""
+    return [(a, op, b) for a in range(19) for b in range(10) for op in "+-" if op == "+" or b <= a]
+
+
+def fact_probe(ckpt: Path, template: str) -> dict[str, float]:
+    """Greedy error rate of every level-2 fact (`level2_facts`) by kind (FACT_KINDS), asked the way a worked
+    solution states it under the model's template: the question "What is a op b + 3?" and the opened
+    reasoning "a op b =" (a teen fact comes second, after "9 + k = a", the only way a chain reaches it).
+    Unlike `fact_errors`, every fact is asked equally often, whatever the model writes."""
+    from nanoseek.data.synth import r1_zero_prompt
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.posttrain.stage import load_policy
+
+    policy = load_policy(ckpt, train=False)
+    tok = policy.tokenizer
+    facts, prompts = level2_facts(), []
+    for a, op, b in facts:
+        question = f"What is 9 + {a - 9} {op} {b}?" if a > 9 else f"What is {a} {op} {b} + 3?"
+        worked = (f"9 + {a - 9} = {a}\n" if a > 9 else "") + f"{a} {op} {b} ="
+        if template == "r1_zero":
+            prompts.append(tok.encode(r1_zero_prompt(question) + "<think>\n" + worked, bos=True))
+        else:
+            prompts.append(tok.apply_chat_template([{"role": "user", "content": question}],
+                                                   add_generation_prompt=True, thinking=True) + tok.encode(worked))
+    done = Engine(policy.model, None, max_batch=256, max_len=256).generate(
+        prompts, SamplingParams(max_tokens=3, temperature=0.0))
+    wrong, seen = dict.fromkeys(FACT_KINDS, 0), dict.fromkeys(FACT_KINDS, 0)
+    for (a, op, b), c in zip(facts, done, strict=True):
+        said = tok.decode(list(c.tokens)).split()
+        kind = f"{'teen' if a > 9 else 'digit'} {op}"
+        seen[kind] += 1
+        wrong[kind] += not said or said[0] != str(a + b if op == "+" else a - b)
+    return {k: wrong[k] / seen[k] for k in FACT_KINDS}
+
+
 def rl_curve(run: Run, stage: str, marks: list[float], out: Path, cfg: EvalConfig, by_steps: bool = False,
              fields: dict[str, Any] | None = None, tag: str = "") -> list[dict[str, Any]]:
     """The stage retrained from its start with a checkpoint at each mark (RL seconds, or steps with by_steps),
@@ -145,6 +206,7 @@ def rl_curve(run: Run, stage: str, marks: list[float], out: Path, cfg: EvalConfi
     if "arithmetic" in target[0]:
         for row, where in zip(rows, evals, strict=True):
             row["errors"] = arithmetic_errors(where / "samples.jsonl")
+            row["fact_errors"] = fact_errors(where / "samples.jsonl")
     return rows
 
 
@@ -186,8 +248,8 @@ def pretrain_minutes(run: Run, steps_list: list[int], out: Path, cfg: EvalConfig
     return rows
 
 
-def pct(x: float) -> str:
-    return f"{x * 100:.1f}"
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{x * 100:.1f}"
 
 
 def ci(pair: list[float], signed: bool = False) -> str:
@@ -208,6 +270,17 @@ def print_tables(result: dict[str, Any]) -> None:
                   f"{r['lift'] * 100:+.1f} | {ci(r['lift_ci'], True)} |" + (
                       f" {pct(r['errors']['copy'])} | {pct(r['errors']['fact1'])} | {pct(r['errors']['fact2'])} |"
                       if errors else ""))
+        if "fact_errors" in rows[0]:
+            print("\nworked steps that state a false fact (%), by the fact's first number and operator\n")
+            print("| RL minutes | " + " | ".join(FACT_KINDS) + " |\n|---|" + "---|" * len(FACT_KINDS))
+            for r in rows:
+                print(f"| {r['rl_seconds'] / 60:.1f} | " + " | ".join(pct(r["fact_errors"][k]) for k in FACT_KINDS)
+                      + " |")
+    if "facts" in result:
+        print("\nlevel-2 facts stated wrong, greedy, each fact asked once in its worked-solution place (%)\n")
+        print("| model | " + " | ".join(FACT_KINDS) + " |\n|---|" + "---|" * len(FACT_KINDS))
+        for stage, rates in result["facts"].items():
+            print(f"| {stage} | " + " | ".join(pct(rates[k]) for k in FACT_KINDS) + " |")
     rows = result.get("pretrain")
     if rows:
         print(f"\nR1-Zero ({rows[0]['trained_on']}) against pretraining minutes: pass@1 (%)\n")
@@ -222,7 +295,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, required=True, help="a finished `nanoseek run` directory")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--parts", default="rl,pretrain", help="rl, pretrain or both (default)")
+    p.add_argument("--parts", default="rl,pretrain", help="comma-separated: rl, pretrain (default: both), facts")
     p.add_argument("--stages", default="r1_zero,r1", help="RL stages for the RL-minutes part")
     p.add_argument("--rl-minutes", default="1,2,5,10")
     p.add_argument("--rl-steps", default="", help="marks in RL steps instead of minutes, e.g. 100,200")
@@ -263,6 +336,10 @@ def main() -> int:
         for stage in args.stages.split(","):
             key = f"{stage}_{args.tag}" if args.tag else stage
             result.setdefault("rl", {})[key] = rl_curve(run, stage, marks, args.out, cfg, by_steps, fields, args.tag)
+        write_json(path, result)
+    if "facts" in parts:
+        result["facts"] = {stage: fact_probe(run.checkpoint(stage), template) for stage, template in
+                           (("pretrain", "r1_zero"), ("sft", "chat"))}
         write_json(path, result)
     if "pretrain" in parts:
         result["pretrain"] = pretrain_minutes(run, [int(s) for s in args.pretrain_steps.split(",")],

@@ -244,7 +244,7 @@ def _pretrain(run: Run, name: str, resume: bool, model: dict[str, Any] | None = 
     # [data] fields of the data stage, not of pretraining. The run's corpus is written in the mix's proportions
     # (documents per domain) and drawn as it is: the loader applying the mix again, by tokens, moved the RL lifts
     # within their seed-to-seed noise (README, "Where the lift comes from")
-    for key in ("difficulty", "curate", "mix", "task_mix"):
+    for key in ("difficulty", "curate", "mix", "task_mix", "fact_share"):
         recipe["data"].pop(key, None)
     if model is not None:
         recipe["model"] = model

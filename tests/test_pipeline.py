@@ -238,6 +238,9 @@ def test_learning_study_measures_a_lever_per_step_with_error_classes(run, tmp_pa
     for r in rows:
         assert sum(r["errors"].values()) == pytest.approx(1.0) and r["errors"]["correct"] == pytest.approx(r["end"])
     assert "copy errors" in proc.stdout
+    for r in rows:  # a kind of fact no sample wrote has no rate (and the JSON stays valid)
+        assert set(r["fact_errors"]) == {"digit +", "digit -", "teen +", "teen -"}
+        assert all(v is None or 0 <= v <= 1 for v in r["fact_errors"].values())
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_study.py"), "--run", str(out), "--out",
                           str(study), "--parts", "rl", "--set", "beta=0.04"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--tag" in bad.stderr
@@ -245,6 +248,23 @@ def test_learning_study_measures_a_lever_per_step_with_error_classes(run, tmp_pa
                            str(study), "--parts", "rl", "--set", "betta=0.04", "--tag", "x"], capture_output=True,
                           text=True)
     assert typo.returncode == 2 and "betta" in typo.stderr and "Traceback" not in typo.stderr
+
+
+def test_learning_study_probes_the_facts_of_the_base_and_the_sft_model(run, tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learning_study import FACT_KINDS, level2_facts
+
+    facts = level2_facts()  # digit +: 10 x 10, digit -: 55, teen +: 9 x 10, teen -: 9 x 10
+    assert len(facts) == len(set(facts)) == 100 + 55 + 90 + 90
+    assert all(0 <= (a + b if op == "+" else a - b) <= 27 and b <= 9 for a, op, b in facts)
+    out, _ = run
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_study.py"), "--run", str(out), "--out",
+                           str(tmp_path), "--parts", "facts"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rates = json.loads((tmp_path / "study.json").read_text())["facts"]
+    assert set(rates) == {"pretrain", "sft"}
+    assert all(set(r) == set(FACT_KINDS) and all(0 <= v <= 1 for v in r.values()) for r in rates.values())
+    assert "| pretrain |" in proc.stdout
 
 
 def test_arithmetic_errors_classifies_the_worked_steps(tmp_path):
@@ -261,3 +281,17 @@ def test_arithmetic_errors_classifies_the_worked_steps(tmp_path):
     path.write_text("".join(json.dumps({"task": "arithmetic", "completion": c, "correct": ok}) + "\n"
                             for c, ok in rows) + json.dumps({"task": "logic", "completion": "", "correct": False}))
     assert arithmetic_errors(path) == dict.fromkeys(("correct", "copy", "fact1", "fact2", "carry", "other"), 1 / 6)
+
+
+def test_fact_errors_rates_each_kind_of_fact(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learning_study import fact_errors
+
+    rows = ["<think>\n8 + 5 = 13\n13 + 6 = 18\n</think>",  # digit + right, teen + wrong
+            "<think>\n8 + 5 = 13\n13 - 6 = 7\n</think>",   # digit + right, teen - right
+            "<think>\n8 - 5 = 2\n2 + 6 = 8\n</think>",     # digit - wrong, digit + right
+            "<think>\n9 + 9 = 18\n18 + 1 = 19\n8 + 8 = 1\n</think>"]  # only the first two steps count
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"task": "arithmetic", "completion": c, "correct": False}) + "\n"
+                            for c in rows))
+    assert fact_errors(path) == {"digit +": 0.0, "digit -": 1.0, "teen +": 0.5, "teen -": 0.0}

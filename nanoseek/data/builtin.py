@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.data.shards import INDEX, corpus_files, read_texts, tokenize_corpus
+from nanoseek.data.synth.corpus import FACT_SHEET_SHARE
 
 
 @dataclass
@@ -37,6 +38,7 @@ class DataConfig:
     mix: dict[str, float] = field(default_factory=dict)  # domain shares: of the built corpus (docs) and of the training
     # tokens the loader draws ({}: synth's DOMAIN_MIX for the corpus, the corpus as it is for the tokens)
     task_mix: dict[str, float] = field(default_factory=dict)  # task weights of worked-problem documents ({}: equal)
+    fact_share: float = FACT_SHEET_SHARE  # share of arithmetic documents that are number-fact sheets
     curate: dict[str, Any] = field(default_factory=dict)  # CurateConfig overrides, e.g. {quality = {min_words = 20}}
     root: str = ""  # the cache of built data sets ("" -> ~/.cache/nanoseek/data or $NANOSEEK_DATA); `run` uses OUT
     tokenizer_dir: str = ""  # both set: pretrain on these instead of the built-in data
@@ -46,6 +48,8 @@ class DataConfig:
         if self.docs < 1 or self.vocab_size < 300:
             raise ValueError(f"[data] docs={self.docs}, vocab_size={self.vocab_size}: need docs >= 1 and "
                              f"vocab_size >= 300 (the byte alphabet and the special tokens)")
+        if not 0.0 <= self.fact_share <= 1.0:
+            raise ValueError(f"[data] fact_share={self.fact_share}: must be in [0, 1]")
         if bool(self.tokenizer_dir) != bool(self.tokens_dir):
             raise ValueError("[data] tokenizer_dir and tokens_dir must be given together")
 
@@ -91,7 +95,7 @@ def build(out: str | Path, cfg: DataConfig, progress: bool = True) -> dict[str, 
     out = Path(out)
     extra = min(2000, max(200, cfg.docs))  # SFT and RL sets grow with the corpus up to the synth defaults
     synth = write_synth(out / "synth", docs=cfg.docs, seed=cfg.seed, difficulty=cfg.difficulty, sft=extra, rl=extra,
-                        mix=cfg.mix or None, task_mix=cfg.task_mix or None)
+                        mix=cfg.mix or None, task_mix=cfg.task_mix or None, fact_share=cfg.fact_share)
     curate_cfg = load_config(overrides=[f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.curate).items()])
     manifest = curate([out / "synth" / "corpus"], out / "curated", curate_cfg)
     sets = {}

@@ -15,16 +15,18 @@ the same column, the *frontier* `f` (the model's `forward_cached(start=f)`), and
     row 2  . . x y z w ~ v u t|        a speculative row whose draft was rejected leaves a hole (~)
                               f
 
-Admitting a prompt longer than f shifts the batch right; when f reaches the end of the cache every row's real
+A request for n samples (GRPO's group, `nanoseek eval`'s k, the API's `n`) takes n rows that share one prefill:
+its prompt runs once and its latents, last hidden state and first-token logits are copied to the other rows,
+which then sample on their own generators. Admitting a prompt longer than f shifts the batch right; when f reaches the end of the cache every row's real
 columns are packed to the right (holes and padding squeezed out; attention does not care about key order).
 Finished rows are replaced by the last row (one copy), so the active rows stay packed at the front and every
 forward pass sees a dense [n_active, ...] slice of the cache.
 
 Images (a VL model, `nanoseek.model.vl.VLModel`): a request may carry pixels, one image per `<image>` placeholder
 in its prompt (each expanded to the model's `image_tokens` ids). Images live only in the prompt, so only the
-prefill sees them: `_admit` hands the new rows' images, in row order, to the VL model's prefill forward, whose
-embedding writes the projected features over the placeholders; the cache then holds their latents like any
-token's, and decode steps, packing and row moves are the text path unchanged.
+prefill sees them: `_admit` hands the images of the prompts it prefills, in order, to the VL model's prefill
+forward, whose embedding writes the projected features over the placeholders; the cache then holds their latents
+like any token's, and decode steps, packing and row moves are the text path unchanged.
 
 `Engine` implements the `Backend` interface (add_request / step / abort, the shape of vLLM's LLMEngine), so a
 GPU serving engine can stand in for it behind the server, the chat CLI and the verification loop.
@@ -359,6 +361,12 @@ class Engine(Backend):
                                 min(p.max_tokens, self.max_len - len(r.prompt))))
         if not new:
             return []
+        # a request's n samples share its prompt: each distinct prompt is prefilled once, into the first of its
+        # rows, and its cache, hidden state and logits are copied to the others (a GRPO group of 8 prefills one
+        # prompt, not eight); `first` [u] are the rows prefilled, `source` [len(new)] each row's prefilled row
+        first = [i for i, s in enumerate(new) if s.index == 0]
+        source = torch.tensor([k for k, j in enumerate(first) for _ in range(new[j].request.params.n)],
+                              device=self.device)
         P = max(len(s.request.prompt) for s in new)
         n0 = len(self.rows)
         if n0 == 0:
@@ -366,17 +374,17 @@ class Engine(Backend):
         elif self.frontier < P:
             self._shift_right(P - self.frontier)
         f, rows = self.frontier, slice(n0, n0 + len(new))
-        ids = torch.full((len(new), P), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(new), P, dtype=torch.bool, device=self.device)
-        for i, s in enumerate(new):
-            prompt = s.request.prompt
+        ids = torch.full((len(first), P), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(first), P, dtype=torch.bool, device=self.device)
+        for i, j in enumerate(first):
+            prompt = new[j].request.prompt
             ids[i, P - len(prompt):] = torch.tensor(prompt, device=self.device)
             mask[i, P - len(prompt):] = True
         pad = (~mask).sum(1)
         positions = (torch.arange(P, device=self.device)[None] - pad[:, None]).clamp(min=0)
         self.key_mask[rows] = False
-        self.key_mask[rows, f - P:f] = mask
-        self.positions[rows] = P - pad
+        self.key_mask[rows, f - P:f] = mask[source]
+        self.positions[rows] = (P - pad)[source]
         self.rows.extend(new)
         for i, s in enumerate(new):
             s.row = n0 + i
@@ -385,22 +393,26 @@ class Engine(Backend):
             self._ensure_penalties()
             for s in new:
                 self.penalties.reset_row(s.row, s.request.prompt)
-        view = self.cache.view(rows, slice(f - P, f))
+        view = self.cache.view(slice(n0, n0 + len(first)), slice(f - P, f))
         padded = bool(pad.any())
-        # each sample's row reads its request's images: the placeholders in row order take them in that order
-        images = [s.request.images for s in new if s.request.images is not None and len(s.request.images)]
+        images = [new[j].request.images for j in first if new[j].request.images is not None
+                  and len(new[j].request.images)]
         vision = {"images": torch.cat(images).to(self.device)} if images else {}  # a text model takes no images=
         with torch.no_grad(), self._routing(any(s.request.routing for s in new)) as routes:
             h = self.model.forward_cached(ids, view, 0, key_mask=mask if padded else None,
                                           positions=positions if padded else None, hidden=True, **vision)
-            logits = self.model.head(h[:, -1])
+            logits = self.model.head(h[:, -1])[source]
+        if len(first) < len(new):  # copy each prefilled row's cache to its request's other rows
+            for t in self.cache.tensors():
+                t[:, rows, f - P:f] = t[:, n0 + source, f - P:f]  # advanced indexing copies first
         tokens = self._sample(logits, rows)
         self.pending[rows] = tokens
-        experts = routes.last(len(new), P) if routes is not None else None
+        experts = routes.last(len(first), P) if routes is not None else None
         events = self._emit({n0 + i: [int(t)] for i, t in enumerate(tokens.tolist())},
-                            None if experts is None else {n0 + i: [experts[i]] for i in range(len(new))})
+                            None if experts is None else {n0 + i: [experts[j]] for i, j in enumerate(source.tolist())})
         if self.drafter is not None:  # after _emit, so penalties count the first token
-            self.drafter.prefill(rows, ids, h, tokens, mask if padded else None, positions if padded else None)
+            self.drafter.prefill(rows, ids[source], h[source], tokens, mask[source] if padded else None,
+                                 positions[source] if padded else None)
         return events
 
     def _ensure_penalties(self) -> None:

@@ -163,6 +163,30 @@ def test_n_samples_differ_and_come_in_order():
     assert len({tuple(c.tokens) for c in out}) > 1
 
 
+def test_a_requests_samples_share_one_prefill():
+    """n samples of a prompt prefill it once and copy its cache to their rows: each sample's tokens are what it
+    gets alone or beside other requests, and the prefill runs one row per distinct prompt."""
+    model = random_model(9)
+    a = ([3, 4, 5, 6, 7], SamplingParams(max_tokens=12, temperature=1.0, n=3, seed=7, ignore_eos=True))
+    b = ([8, 9, 10, 11, 12, 13, 14, 15, 16], SamplingParams(max_tokens=10, n=2, ignore_eos=True))
+    alone = [Engine(model, max_batch=3).generate([p], params) for p, params in (a, b)]
+    prefill_rows = []
+    forward = model.forward_cached
+
+    def record(ids, *args, **kwargs):
+        if args[1] == 0:  # start 0: a prefill
+            prefill_rows.append(ids.shape[0])
+        return forward(ids, *args, **kwargs)
+
+    model.forward_cached = record
+    crowd = Engine(model, max_batch=8).generate([a[0], b[0]], [a[1], b[1]])
+    del model.forward_cached
+    assert prefill_rows == [2]
+    assert [c.tokens for c in crowd] == [c.tokens for c in alone[0] + alone[1]]
+    assert alone[1][0].tokens == alone[1][1].tokens  # greedy samples agree
+    assert len({tuple(c.tokens) for c in alone[0]}) > 1  # sampled ones differ
+
+
 def test_stop_token_stop_string_max_tokens_and_stream(chat_model, tokenizer):
     from .conftest import REPLY
 

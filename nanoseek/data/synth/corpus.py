@@ -131,13 +131,14 @@ def fact_sheet(rng: random.Random) -> str:
     return "\n".join([intro] + lines)
 
 
-def math_document(rng: random.Random, problems: _CleanProblems, task: str) -> tuple[str, str]:
+def math_document(rng: random.Random, problems: _CleanProblems, task: str, fact_share: float = FACT_SHEET_SHARE
+                  ) -> tuple[str, str]:
     """A worked-problem document in one of three shapes: R1 transcript (`<think>`/`<answer>`, the RL format),
     GSM8K worksheet (`#### answer`), or a question/answer drill (direct answers). Returns (source, text).
     Problems are added until the document has 40-80 words of its own, so the shared R1 preamble never
-    dominates it and near-deduplication keeps documents of one-line problems apart. A FACT_SHEET_SHARE of
+    dominates it and near-deduplication keeps documents of one-line problems apart. A `fact_share` of
     arithmetic documents are number-fact sheets instead (`fact_sheet`)."""
-    if task == "arithmetic" and rng.random() < FACT_SHEET_SHARE:
+    if task == "arithmetic" and rng.random() < fact_share:
         return "nanoseek-synth:arithmetic:facts", fact_sheet(rng)
     shape = rng.random()
     target = rng.randint(40, 80)
@@ -196,19 +197,22 @@ def _parse_levels(spec: str | Sequence[int]) -> list[int]:
 def write_synth(output: str | Path, docs: int = 5000, seed: int = 0, difficulty: str | Sequence[int] = "1-3",
                 tasks: Sequence[str] | None = None, sft: int = 2000, rl: int = 2000, eval_per_level: int = 100,
                 ngram: int = DECONTAM_NGRAM, mix: dict[str, float] | None = None,
-                task_mix: dict[str, float] | None = None, game_share: float = GAME_SHARE) -> dict[str, Any]:
+                task_mix: dict[str, float] | None = None, game_share: float = GAME_SHARE,
+                fact_share: float = FACT_SHEET_SHARE) -> dict[str, Any]:
     """Generate the built-in data set under `output` (layout in the module docstring); returns the manifest.
     Deterministic in its arguments. `mix` weights the corpus domains (default DOMAIN_MIX): a short CPU run
     learns its reasoning formats sooner from a corpus heavier in worked problems. `task_mix` weights the tasks of
     the worked-problem documents (default: equal): the skills RL will sharpen need enough of them in pretraining
     for the base to sometimes succeed. `game_share` of the math_logic documents (at most NIM_DOCUMENTS, all
     distinct) and of the SFT conversations are Nim transcripts of the optimal player (games.py), so every model
-    has seen positions answered by legal moves."""
+    has seen positions answered by legal moves. `fact_share` of the arithmetic documents are number-fact sheets
+    (`fact_sheet`)."""
     out = Path(output)
     levels = _parse_levels(difficulty)
     tasks = list(tasks or TASKS)
-    if not 0.0 <= game_share <= 1.0:
-        raise ValueError(f"game_share must be in [0, 1], got {game_share}")
+    for name, share in (("game_share", game_share), ("fact_share", fact_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {share}")
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; known: {sorted(TASKS)}")
@@ -246,7 +250,7 @@ def write_synth(output: str | Path, docs: int = 5000, seed: int = 0, difficulty:
                 if domain == "math_logic" and math_tasks[i] == "nim":
                     source, text = game_document(rng_games)
                 elif domain == "math_logic":
-                    source, text = math_document(rng, problems, math_tasks[i])
+                    source, text = math_document(rng, problems, math_tasks[i], fact_share)
                 else:
                     name, fn = rng.choice(GENERATORS[domain])
                     source, text = f"nanoseek-synth:{name}", fn(rng)
@@ -272,7 +276,7 @@ def write_synth(output: str | Path, docs: int = 5000, seed: int = 0, difficulty:
 
     manifest = {
         "version": 1, "seed": seed, "docs": docs, "mix": mix or DOMAIN_MIX, "task_mix": task_mix or {},
-        "game_share": game_share,
+        "game_share": game_share, "fact_share": fact_share,
         "difficulty": levels, "tasks": tasks,
         "eval_fraction": EVAL_FRACTION, "license": LICENSE,
         "counts": {"corpus": corpus_counts, "sft": n_sft, "rl": n_rl, "eval": eval_counts},
