@@ -17,8 +17,9 @@ the same column, the *frontier* `f` (the model's `forward_cached(start=f)`), and
 
 A request for n samples (GRPO's group, `nanoseek eval`'s k, the API's `n`) takes n rows that share one prefill:
 its prompt runs once and its latents, last hidden state and first-token logits are copied to the other rows,
-which then sample on their own generators. Admitting a prompt longer than f shifts the batch right; when f reaches the end of the cache every row's real
-columns are packed to the right (holes and padding squeezed out; attention does not care about key order).
+which then sample on their own generators. Admitting a prompt longer than f shifts the batch right; when f
+reaches the end of the cache every row's real columns are packed to the right (holes and padding squeezed out;
+attention does not care about key order).
 Finished rows are replaced by the last row (one copy), so the active rows stay packed at the front and every
 forward pass sees a dense [n_active, ...] slice of the cache.
 
