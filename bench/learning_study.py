@@ -117,21 +117,28 @@ def arithmetic_errors(samples: Path) -> dict[str, float]:
 FACT_KINDS = ("digit +", "digit -", "teen +", "teen -")
 
 
-def fact_errors(samples: Path) -> dict[str, float]:
+def fact_errors(samples: Path) -> dict[str, float | None]:
     """Error rate of each kind of number fact in an arithmetic evaluation's worked steps (the first two of each
     sample): "digit" facts start from a single digit (a level-2 chain's first step), "teen" facts from 10-18 (its
     second step after a sum past 9), each with + or - (None for a kind no sample wrote). Shows which facts a base
     lacks, whatever the answers."""
-    wrong, seen = dict.fromkeys(FACT_KINDS, 0), dict.fromkeys(FACT_KINDS, 0)
+    stated = []
     for line in samples.read_text().splitlines():
         r = json.loads(line)
-        if r["task"] != "arithmetic":
-            continue
-        for a, op, b, result in STEP.findall(r["completion"])[:2]:
-            kind = f"{'teen' if int(a) > 9 else 'digit'} {op}"
-            seen[kind] += 1
-            wrong[kind] += not _holds(int(a), op, int(b), int(result))
-    return {k: wrong[k] / seen[k] if seen[k] else None for k in FACT_KINDS}  # None: no such step written
+        if r["task"] == "arithmetic":
+            stated += [(int(a), op, int(b), int(c)) for a, op, b, c in STEP.findall(r["completion"])[:2]]
+    return fact_rates(stated)
+
+
+def fact_rates(stated: list[tuple[int, str, int, int | None]]) -> dict[str, float | None]:
+    """Share of (a, op, b, result) facts stated wrong, by kind (FACT_KINDS; result None: no number said); None
+    for a kind with no fact."""
+    wrong, seen = dict.fromkeys(FACT_KINDS, 0), dict.fromkeys(FACT_KINDS, 0)
+    for a, op, b, result in stated:
+        kind = f"{'teen' if a > 9 else 'digit'} {op}"
+        seen[kind] += 1
+        wrong[kind] += result is None or not _holds(a, op, b, result)
+    return {k: wrong[k] / seen[k] if seen[k] else None for k in FACT_KINDS}
 
 
 def level2_facts() -> list[tuple[int, str, int]]:
@@ -139,7 +146,7 @@ def level2_facts() -> list[tuple[int, str, int]]:
     return [(a, op, b) for a in range(19) for b in range(10) for op in "+-" if op == "+" or b <= a]
 
 
-def fact_probe(ckpt: Path, template: str) -> dict[str, float]:
+def fact_probe(ckpt: Path, template: str) -> dict[str, float | None]:
     """Greedy error rate of every level-2 fact (`level2_facts`) by kind (FACT_KINDS), asked the way a worked
     solution states it under the model's template: the question "What is a op b + 3?" and the opened
     reasoning "a op b =" (a teen fact comes second, after "9 + k = a", the only way a chain reaches it).
@@ -162,13 +169,9 @@ def fact_probe(ckpt: Path, template: str) -> dict[str, float]:
                                                    add_generation_prompt=True, thinking=True) + tok.encode(worked))
     done = Engine(policy.model, None, max_batch=256, max_len=256).generate(
         prompts, SamplingParams(max_tokens=3, temperature=0.0))
-    wrong, seen = dict.fromkeys(FACT_KINDS, 0), dict.fromkeys(FACT_KINDS, 0)
-    for (a, op, b), c in zip(facts, done, strict=True):
-        said = tok.decode(list(c.tokens)).split()
-        kind = f"{'teen' if a > 9 else 'digit'} {op}"
-        seen[kind] += 1
-        wrong[kind] += not said or said[0] != str(a + b if op == "+" else a - b)
-    return {k: wrong[k] / seen[k] for k in FACT_KINDS}
+    said = [tok.decode(list(c.tokens)).split() for c in done]
+    return fact_rates([(a, op, b, int(w[0]) if w and w[0].isdigit() else None)
+                       for (a, op, b), w in zip(facts, said, strict=True)])
 
 
 def rl_curve(run: Run, stage: str, marks: list[float], out: Path, cfg: EvalConfig, by_steps: bool = False,
