@@ -90,23 +90,31 @@ def _holds(a: int, op: str, b: int, result: int) -> bool:
     return result == (a + b if op == "+" else a - b)
 
 
+def worked_steps(samples: Path) -> list[tuple[bool, list[tuple[int, str, int, int]]]]:
+    """Each arithmetic sample of an evaluation's samples.jsonl: whether it was correct, and the first two worked
+    steps it wrote as (a, op, b, result)."""
+    out = []
+    for line in samples.read_text().splitlines():
+        r = json.loads(line)
+        if r["task"] == "arithmetic":
+            steps = STEP.findall(r["completion"])[:2]
+            out.append((r["correct"], [(int(a), op, int(b), int(c)) for a, op, b, c in steps]))
+    return out
+
+
 def arithmetic_errors(samples: Path) -> dict[str, float]:
     """Shares of an arithmetic evaluation's samples (its samples.jsonl): correct; `copy` (both worked steps are
     true facts and the second starts from the first's result, yet the answer is wrong: an operand or operator
     copied wrong from the question, "8 - 8 = 0 / 0 + 6 = 6" for 8 - 5 + 6); `fact1` / `fact2` (that step's fact
     is wrong); `carry` (the second step does not start from the first's result); `other` (not two worked steps)."""
     counts = dict.fromkeys(("correct", "copy", "fact1", "fact2", "carry", "other"), 0)
-    for line in samples.read_text().splitlines():
-        r = json.loads(line)
-        if r["task"] != "arithmetic":
-            continue
-        steps = STEP.findall(r["completion"])
-        if r["correct"]:
+    for correct, steps in worked_steps(samples):
+        if correct:
             kind = "correct"
         elif len(steps) < 2:
             kind = "other"
         else:
-            (a, op1, b, x), (x2, op2, c, y) = [tuple(int(v) if v not in "+-" else v for v in st) for st in steps[:2]]
+            (a, op1, b, x), (x2, op2, c, y) = steps
             kind = ("fact1" if not _holds(a, op1, b, x) else "carry" if x2 != x else
                     "fact2" if not _holds(x2, op2, c, y) else "copy")
         counts[kind] += 1
@@ -122,12 +130,7 @@ def fact_errors(samples: Path) -> dict[str, float | None]:
     sample): "digit" facts start from a single digit (a level-2 chain's first step), "teen" facts from 10-18 (its
     second step after a sum past 9), each with + or - (None for a kind no sample wrote). Shows which facts a base
     lacks, whatever the answers."""
-    stated = []
-    for line in samples.read_text().splitlines():
-        r = json.loads(line)
-        if r["task"] == "arithmetic":
-            stated += [(int(a), op, int(b), int(c)) for a, op, b, c in STEP.findall(r["completion"])[:2]]
-    return fact_rates(stated)
+    return fact_rates([step for _, steps in worked_steps(samples) for step in steps])
 
 
 def fact_rates(stated: list[tuple[int, str, int, int | None]]) -> dict[str, float | None]:
