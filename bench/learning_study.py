@@ -23,7 +23,8 @@ pretraining minutes, each with its 95% interval (README, "Where the lift comes f
 
 On arithmetic, each row also classifies the wrong samples by the two worked steps the model wrote
 (`arithmetic_errors`): a fact wrong, or both facts right and an operand copied wrong from the question; and
-gives the error rate of the facts those steps state, by kind (`fact_errors`).
+gives the error rate of the facts those steps state, by kind (`fact_errors`), and how often each part of the
+question (a op1 b op2 c) was copied wrong into them (`operand_errors`).
 
 Every model is scored by the evaluator the run uses, on the run's rl_n held-out problems of that task and level
 (k samples at T 0.6 / top-p 0.95, the run's eval seed), and each lift is paired with its start model.
@@ -125,6 +126,28 @@ def arithmetic_errors(samples: Path) -> dict[str, float]:
 FACT_KINDS = ("digit +", "digit -", "teen +", "teen -")
 
 
+QUESTION = re.compile(r"(\d+) ([+-]) (\d+) ([+-]) (\d+)")
+OPERANDS = ("a", "op1", "b", "op2", "c")
+
+
+def operand_errors(samples: Path) -> dict[str, float] | None:
+    """For a level-2 arithmetic evaluation: the share of samples with two worked steps that copied each part of
+    the question's "a op1 b op2 c" wrong (steps "a op1 b = x", "x op2 c = y"). R1-Zero's plateau is the copying
+    of b and c (README, "Where the lift comes from"). None when the samples carry no questions."""
+    wrong, n = dict.fromkeys(OPERANDS, 0), 0
+    for line in samples.read_text().splitlines():
+        r = json.loads(line)
+        question = QUESTION.search(r.get("question") or "") if r["task"] == "arithmetic" else None
+        steps = STEP.findall(r["completion"])[:2]
+        if question is None or len(steps) < 2:
+            continue
+        n += 1
+        (a, op1, b, _), (_, op2, c, _) = steps
+        for name, said, asked in zip(OPERANDS, (a, op1, b, op2, c), question.groups(), strict=True):
+            wrong[name] += said != asked
+    return {k: v / n for k, v in wrong.items()} if n else None
+
+
 def fact_errors(samples: Path) -> dict[str, float | None]:
     """Error rate of each kind of number fact in an arithmetic evaluation's worked steps (the first two of each
     sample): "digit" facts start from a single digit (a level-2 chain's first step), "teen" facts from 10-18 (its
@@ -213,6 +236,7 @@ def rl_curve(run: Run, stage: str, marks: list[float], out: Path, cfg: EvalConfi
         for row, where in zip(rows, evals, strict=True):
             row["errors"] = arithmetic_errors(where / "samples.jsonl")
             row["fact_errors"] = fact_errors(where / "samples.jsonl")
+            row["operand_errors"] = operand_errors(where / "samples.jsonl")
     return rows
 
 
@@ -281,6 +305,12 @@ def print_tables(result: dict[str, Any]) -> None:
             print("| RL minutes | " + " | ".join(FACT_KINDS) + " |\n|---|" + "---|" * len(FACT_KINDS))
             for r in rows:
                 print(f"| {r['rl_seconds'] / 60:.1f} | " + " | ".join(pct(r["fact_errors"][k]) for k in FACT_KINDS)
+                      + " |")
+        if rows[0].get("operand_errors"):
+            print("\nparts of the question \"a op1 b op2 c\" copied wrong into the worked steps (%)\n")
+            print("| RL minutes | " + " | ".join(OPERANDS) + " |\n|---|" + "---|" * len(OPERANDS))
+            for r in rows:
+                print(f"| {r['rl_seconds'] / 60:.1f} | " + " | ".join(pct(r["operand_errors"][k]) for k in OPERANDS)
                       + " |")
     if "facts" in result:
         print("\nlevel-2 facts stated wrong, greedy, each fact asked once in its worked-solution place (%)\n")

@@ -295,3 +295,19 @@ def test_fact_errors_rates_each_kind_of_fact(tmp_path):
     path.write_text("".join(json.dumps({"task": "arithmetic", "completion": c, "correct": False}) + "\n"
                             for c in rows))
     assert fact_errors(path) == {"digit +": 0.0, "digit -": 1.0, "teen +": 0.5, "teen -": 0.0}
+
+
+def test_operand_errors_compares_the_worked_steps_with_the_question(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learning_study import operand_errors
+
+    rows = [("What is 8 - 5 + 6?", "<think>\n8 - 5 = 3\n3 + 6 = 9\n</think>"),   # all copied
+            ("Work out 8 - 5 + 6.", "<think>\n8 - 8 = 0\n0 + 6 = 6\n</think>"),  # b copied wrong
+            ("8 - 5 + 6 = ?", "<think>\n8 + 5 = 13\n13 - 5 = 8\n</think>"),      # op1, op2 and c wrong
+            ("8 - 5 + 6 = ?", "<answer>9</answer>")]                             # no steps: not counted
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"task": "arithmetic", "question": q, "completion": c}) + "\n"
+                            for q, c in rows))
+    assert operand_errors(path) == {"a": 0.0, "op1": 1 / 3, "b": 1 / 3, "op2": 1 / 3, "c": 1 / 3}
+    path.write_text(json.dumps({"task": "arithmetic", "completion": rows[0][1]}))  # samples without questions
+    assert operand_errors(path) is None

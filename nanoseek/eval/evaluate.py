@@ -142,9 +142,9 @@ def _generate_task(gen: Asker, task: EvalTask, k: int, temperature: float, top_p
         verdicts.append(verdict)
         verdict_ok.append(task.check(ex, verdict.answer))
         texts += [o.text for o in outs]
-        records += [{"task": task.name, "id": ex.id, "sample": i, "completion": o.text, "answer": a,
-                     "gold": ex.answer, "correct": ok} for i, (o, a, ok) in enumerate(zip(outs, answers, correct,
-                                                                                          strict=True))]
+        records += [{"task": task.name, "id": ex.id, "sample": i, "question": ex.question, "completion": o.text,
+                     "answer": a, "gold": ex.answer, "correct": ok}
+                    for i, (o, a, ok) in enumerate(zip(outs, answers, correct, strict=True))]
     lat = [o.latency for outs in sampled for o in outs]
     metrics: dict[str, Any] = {
         "n": len(examples), "k": k,
