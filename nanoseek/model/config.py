@@ -3,8 +3,8 @@
 `attention = "dsa"` is DeepSeek-V3.2: MLA plus the lightning indexer (`index_n_heads`, `index_head_dim`,
 `index_topk`, HF `DeepseekV32Config` names), written as `model_type = "deepseek_v32"`.
 
-Presets: `debug` (tests, <1M parameters), `mini` (the CPU distillation student), `tiny` (the CPU default),
-`small`, `base` (~0.6B, GPU) and `671B` (DeepSeek-V3 itself, configuration only).
+Presets: `debug` (tests, <1M parameters), `micro` (the default run's distillation student), `mini` (the default
+run's model), `tiny` (~12M), `small`, `base` (~0.6B, GPU) and `671B` (DeepSeek-V3 itself, configuration only).
 """
 
 from __future__ import annotations
@@ -280,13 +280,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.0,
                   max_position_embeddings=512, initializer_range=SMALL_INIT_STD,
                   index_n_heads=4, index_head_dim=16, index_topk=16),
-    # The CPU default (~12M parameters with a 4K vocabulary).
+    # A bigger CPU model than mini (~12M parameters with a 4K vocabulary); the preset a [model] table without one gets.
     "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
                  num_hidden_layers=6, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=4,
                  n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=64,
                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=2048,
                  initializer_range=SMALL_INIT_STD, index_n_heads=4, index_head_dim=32, index_topk=256),
-    # The CPU student for distillation (~1.5M parameters with a 2K vocabulary): a quarter of tiny's width.
+    # The default run's model (recipes/tiny.toml; ~1.5M parameters with a 2K vocabulary): a quarter of tiny's width.
     "mini": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
                  num_hidden_layers=4, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
                  n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
