@@ -283,7 +283,8 @@ def evaluate(model_path: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, k: in
     it abstains. `consistency=False` skips the greedy pass over problems and paraphrases (greedy accuracy,
     consistency) when only the sampled metrics are needed. Returns {"model", "checkpoint", "template",
     "settings", "tasks": {task: metrics}, "bpb", "speed", "wall_seconds"}; with `out`, also writes
-    OUT/results.json and every sample to OUT/samples.jsonl."""
+    OUT/results.json and every sample (task, id, question, completion, answer, gold, correct) to
+    OUT/samples.jsonl."""
     from nanoseek.data.tokenizer import Tokenizer
     from nanoseek.model.hf import load, resolve_checkpoint
 
