@@ -1,5 +1,6 @@
 """The learning study of a `nanoseek run`: held-out pass@1 on the RL task against RL minutes and against
-pretraining minutes, each with its 95% interval (README, "Where the lift comes from").
+pretraining minutes, each with its 95% interval, and on arithmetic what the wrong samples got wrong (a fact, or
+which part of the question they copied wrong) (README, "Where the lift comes from").
 
     python bench/learning_study.py --run runs/nanoseek --out runs/study
     python bench/learning_study.py --run runs/nanoseek --out runs/study --parts rl --rl-minutes 1,2,5,10
