@@ -92,15 +92,15 @@ def _holds(a: int, op: str, b: int, result: int) -> bool:
     return result == (a + b if op == "+" else a - b)
 
 
-def worked_steps(samples: Path) -> list[tuple[bool, list[tuple[int, str, int, int]]]]:
-    """Each arithmetic sample of an evaluation's samples.jsonl: whether it was correct, and the first two worked
-    steps it wrote as (a, op, b, result)."""
+def worked_steps(samples: Path) -> list[tuple[dict[str, Any], list[tuple[int, str, int, int]]]]:
+    """Each arithmetic sample of an evaluation's samples.jsonl: its record, and the first two worked steps it
+    wrote as (a, op, b, result)."""
     out = []
     for line in samples.read_text().splitlines():
         r = json.loads(line)
         if r["task"] == "arithmetic":
             steps = STEP.findall(r["completion"])[:2]
-            out.append((r["correct"], [(int(a), op, int(b), int(c)) for a, op, b, c in steps]))
+            out.append((r, [(int(a), op, int(b), int(c)) for a, op, b, c in steps]))
     return out
 
 
@@ -110,8 +110,8 @@ def arithmetic_errors(samples: Path) -> dict[str, float]:
     copied wrong from the question, "8 - 8 = 0 / 0 + 6 = 6" for 8 - 5 + 6); `fact1` / `fact2` (that step's fact
     is wrong); `carry` (the second step does not start from the first's result); `other` (not two worked steps)."""
     counts = dict.fromkeys(("correct", "copy", "fact1", "fact2", "carry", "other"), 0)
-    for correct, steps in worked_steps(samples):
-        if correct:
+    for r, steps in worked_steps(samples):
+        if r["correct"]:
             kind = "correct"
         elif len(steps) < 2:
             kind = "other"
@@ -136,16 +136,15 @@ def operand_errors(samples: Path) -> dict[str, float] | None:
     the question's "a op1 b op2 c" wrong (steps "a op1 b = x", "x op2 c = y"). R1-Zero's plateau is the copying
     of b and c (README, "Where the lift comes from"). None when the samples carry no questions."""
     wrong, n = dict.fromkeys(OPERANDS, 0), 0
-    for line in samples.read_text().splitlines():
-        r = json.loads(line)
-        question = QUESTION.search(r.get("question") or "") if r["task"] == "arithmetic" else None
-        steps = STEP.findall(r["completion"])[:2]
+    for r, steps in worked_steps(samples):
+        question = QUESTION.search(r.get("question") or "")
         if question is None or len(steps) < 2:
             continue
         n += 1
         (a, op1, b, _), (_, op2, c, _) = steps
-        for name, said, asked in zip(OPERANDS, (a, op1, b, op2, c), question.groups(), strict=True):
-            wrong[name] += said != asked
+        asked = [int(x) if x.isdigit() else x for x in question.groups()]
+        for name, said, want in zip(OPERANDS, (a, op1, b, op2, c), asked, strict=True):
+            wrong[name] += said != want
     return {k: v / n for k, v in wrong.items()} if n else None
 
 
