@@ -85,11 +85,26 @@ def checkpoints_by_rl_time(stage_dir: Path) -> list[tuple[float, Path]]:
     return out
 
 
-STEP = re.compile(r"(-?\d+) ([+-]) (-?\d+) = (-?\d+)")
+STEP_LEFT = re.compile(r"\s*(-?\d+) ([+-]) (-?\d+)")  # a step's "a op b", at the start of a side of "="
+STEP_RIGHT = re.compile(r"\s*(-?\d+)")  # its result, at the start of the next side
 
 
 def _holds(a: int, op: str, b: int, result: int) -> bool:
     return result == (a + b if op == "+" else a - b)
+
+
+def _stated_steps(text: str) -> list[tuple[int, str, int, int]]:
+    """The (a, op, b, result) steps a completion writes, in order: "a op b" at the start of one side of an "="
+    and the number starting the next, so the chained "9 - 6 + 3 = 3 + 3 = 6" is (9, -, 6, 3), (3, +, 3, 6) and
+    the lines "9 - 6 = 3", "3 + 3 = 6" say the same."""
+    out = []
+    for line in text.splitlines():
+        sides = line.split("=")
+        for left, right in zip(sides, sides[1:]):
+            m, r = STEP_LEFT.match(left), STEP_RIGHT.match(right)
+            if m and r:
+                out.append((int(m[1]), m[2], int(m[3]), int(r[1])))
+    return out
 
 
 def worked_steps(samples: Path) -> list[tuple[dict[str, Any], list[tuple[int, str, int, int]]]]:
@@ -99,15 +114,14 @@ def worked_steps(samples: Path) -> list[tuple[dict[str, Any], list[tuple[int, st
     for line in samples.read_text().splitlines():
         r = json.loads(line)
         if r["task"] == "arithmetic":
-            steps = STEP.findall(r["completion"])[:2]
-            out.append((r, [(int(a), op, int(b), int(c)) for a, op, b, c in steps]))
+            out.append((r, _stated_steps(r["completion"])[:2]))
     return out
 
 
 def arithmetic_errors(samples: Path) -> dict[str, float]:
     """Shares of an arithmetic evaluation's samples (its samples.jsonl): correct; `copy` (both worked steps are
     true facts and the second starts from the first's result, yet the answer is wrong: an operand or operator
-    copied wrong from the question, "8 - 8 = 0 / 0 + 6 = 6" for 8 - 5 + 6); `fact1` / `fact2` (that step's fact
+    copied wrong from the question, "8 - 8 + 6 = 0 + 6 = 6" for 8 - 5 + 6); `fact1` / `fact2` (that step's fact
     is wrong); `carry` (the second step does not start from the first's result); `other` (not two worked steps)."""
     counts = dict.fromkeys(("correct", "copy", "fact1", "fact2", "carry", "other"), 0)
     for r, steps in worked_steps(samples):
@@ -133,7 +147,7 @@ OPERANDS = ("a", "op1", "b", "op2", "c")
 
 def operand_errors(samples: Path) -> dict[str, float] | None:
     """For a level-2 arithmetic evaluation: the share of samples with two worked steps that copied each part of
-    the question's "a op1 b op2 c" wrong (steps "a op1 b = x", "x op2 c = y"). R1-Zero's plateau is the copying
+    the question's "a op1 b op2 c" wrong (in the steps "a op1 b = x" and "x op2 c = y" it computed). R1-Zero's plateau is the copying
     of b and c (README, "Where the lift comes from"). None when the samples carry no questions."""
     wrong, n = dict.fromkeys(OPERANDS, 0), 0
     for r, steps in worked_steps(samples):
@@ -175,7 +189,7 @@ def level2_facts() -> list[tuple[int, str, int]]:
 def fact_probe(ckpt: Path, template: str) -> dict[str, float | None]:
     """Greedy error rate of every level-2 fact (`level2_facts`) by kind (FACT_KINDS), asked the way a worked
     solution states it under the model's template: the question "What is a op b + 3?" and the opened
-    reasoning "a op b =" (a teen fact comes second, after "9 + k = a", the only way a chain reaches it).
+    reasoning "a op b + 3 =" (a teen fact comes second, "9 + k op b = a op b =", the only way a chain reaches it).
     Unlike `fact_errors`, every fact is asked equally often, whatever the model writes."""
     from nanoseek.data.synth import r1_zero_prompt
     from nanoseek.infer.engine import Engine
@@ -187,7 +201,7 @@ def fact_probe(ckpt: Path, template: str) -> dict[str, float | None]:
     facts, prompts = level2_facts(), []
     for a, op, b in facts:
         question = f"What is 9 + {a - 9} {op} {b}?" if a > 9 else f"What is {a} {op} {b} + 3?"
-        worked = (f"9 + {a - 9} = {a}\n" if a > 9 else "") + f"{a} {op} {b} ="
+        worked = f"9 + {a - 9} {op} {b} = {a} {op} {b} =" if a > 9 else f"{a} {op} {b} + 3 ="
         if template == "r1_zero":
             prompts.append(tok.encode(r1_zero_prompt(question) + "<think>\n" + worked, bos=True))
         else:

@@ -455,25 +455,32 @@ def countdown_reward(completions: Sequence[Completion], numbers: Sequence[Sequen
     return out
 
 
-def _step_lines(text: str) -> list[str]:
-    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+def _steps(text: str) -> list[tuple[str, str]]:
+    """The equalities a text states, whitespace inside a line ignored: each pair of neighbouring sides of each
+    line, so "3 + 4 = 7" is one step and the chained "3 + 4 - 2 = 7 - 2 = 5" two."""
+    out = []
+    for line in text.splitlines():
+        sides = [" ".join(side.split()) for side in line.split("=")]
+        out += list(zip(sides, sides[1:]))
+    return out
 
 
 def steps_reward(completions: Sequence[Completion], solution: Sequence[str | None] | None = None,
                  **_: Any) -> list[float]:
-    """Partial credit for a task with steps: the share of the worked `solution`'s steps (its lines before the
-    `#### value` line, e.g. "3 + 4 = 7", "7 - 2 = 5") that the reasoning inside `<think>` states as lines of its
-    own. A two-step problem whose first step is right earns 0.5 even when the second is not, so a small model
-    that half-knows the facts gets credit for each fact it uses well, not only for whole chains; whitespace
-    inside a line is not counted. Rows without a solution score 0."""
+    """Partial credit for a task with steps: the share of the worked `solution`'s steps (the equalities of its
+    lines before the `#### value` line: "3 + 4 = 7" and "7 - 2 = 5", or "3 + 4 - 2 = 7 - 2" and "7 - 2 = 5" of a
+    chained line "3 + 4 - 2 = 7 - 2 = 5") that the reasoning inside `<think>` states in the same place of a line.
+    A two-step problem whose first step is right earns 0.5 even when the second is not, so a small model that
+    half-knows the facts gets credit for each fact it uses well, not only for whole chains. Rows without a
+    solution score 0."""
     n = len(completions)
     sols = _column(solution, n, "solution") if solution is not None else [None] * n
     out = []
     for c, sol in zip(completions, sols, strict=True):
-        steps = _step_lines(sol.rsplit("####", 1)[0]) if sol else []
+        steps = _steps(sol.rsplit("####", 1)[0]) if sol else []
         text = completion_text(c)
         think = text.split("<think>", 1)[-1].split("</think>", 1)[0] if "<think>" in text else ""
-        said = set(_step_lines(think))
+        said = set(_steps(think))
         out.append(sum(step in said for step in steps) / len(steps) if steps else 0.0)
     return out
 

@@ -271,10 +271,10 @@ def test_arithmetic_errors_classifies_the_worked_steps(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     from learning_study import arithmetic_errors
 
-    rows = [("<think>\n8 - 5 = 3\n3 + 6 = 9\n</think>", True),   # correct
-            ("<think>\n8 - 8 = 0\n0 + 6 = 6\n</think>", False),  # true facts, an operand copied wrong
-            ("<think>\n8 - 5 = 2\n2 + 6 = 8\n</think>", False),  # first fact wrong
-            ("<think>\n8 - 5 = 3\n3 + 6 = 8\n</think>", False),  # second fact wrong
+    rows = [("<think>\n8 - 5 + 6 = 3 + 6 = 9\n</think>", True),   # correct
+            ("<think>\n8 - 8 + 6 = 0 + 6 = 6\n</think>", False),  # true facts, an operand copied wrong
+            ("<think>\n8 - 5 + 6 = 2 + 6 = 8\n</think>", False),  # first fact wrong
+            ("<think>\n8 - 5 = 3\n3 + 6 = 8\n</think>", False),  # second fact wrong (a line per step reads too)
             ("<think>\n8 - 5 = 3\n4 + 6 = 10\n</think>", False),  # the second step does not carry the first
             ("<answer>9</answer>", False)]
     path = tmp_path / "samples.jsonl"
@@ -302,7 +302,7 @@ def test_operand_errors_compares_the_worked_steps_with_the_question(tmp_path):
     from learning_study import operand_errors
 
     rows = [("What is 8 - 5 + 6?", "<think>\n8 - 5 = 3\n3 + 6 = 9\n</think>"),   # all copied
-            ("Work out 8 - 5 + 6.", "<think>\n8 - 8 = 0\n0 + 6 = 6\n</think>"),  # b copied wrong
+            ("Work out 8 - 5 + 6.", "<think>\n8 - 8 + 6 = 0 + 6 = 6\n</think>"),  # b copied wrong
             ("8 - 5 + 6 = ?", "<think>\n8 + 5 = 13\n13 - 5 = 8\n</think>"),      # op1, op2 and c wrong
             ("8 - 5 + 6 = ?", "<answer>9</answer>")]                             # no steps: not counted
     path = tmp_path / "samples.jsonl"

@@ -9,7 +9,11 @@ they are matched as single ids in any text, so pretraining documents that show w
 ids the RL format rewards, and `decode(skip_special=True)` keeps them.
 
 Pre-tokenisation splits every digit on its own (as DeepSeek-V3 and LLaMA do for numbers, here one digit per
-piece): a small model then sees "37" as 3, 7 and can learn column arithmetic instead of memorising merges.
+piece): a small model then sees "37" as 3, 7 and can learn column arithmetic instead of memorising merges. A digit
+keeps the space before it, as a word does: " 6" is one token, `Ġ6`, not `Ġ` then `6`. With a bare `Ġ` before every
+number, each `Ġ` of "9 - 6 + 3" looks alike, and copying the expression (the first thing a worked solution does)
+takes two tokens of context instead of one: the default run's bases then copied the second operand wrong in about
+half their samples and R1-Zero barely moved them (README, "Where the lift comes from").
 
 Chat template (DeepSeek-V3.1 style; the same string from Python and from the Jinja template saved with the
 tokenizer, so `transformers.AutoTokenizer` gives identical ids):
@@ -45,8 +49,9 @@ REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 IMAGE_TOKEN = "<image>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
-# Words with an optional leading space or punctuation, single digits, punctuation runs, newlines, spaces.
-SPLIT_PATTERN = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Words with an optional leading space or punctuation, single digits with an optional leading space, punctuation
+# runs, newlines, spaces.
+SPLIT_PATTERN = r"[^\r\n\p{L}\p{N}]?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"

@@ -76,7 +76,15 @@ def test_special_ids(tok: Tokenizer) -> None:
 def test_digits_are_split(tok: Tokenizer) -> None:
     ids = tok.encode("31415926 + 2718")
     digits = [tok.decode([i]) for i in ids if tok.decode([i]).strip().isdigit()]
-    assert digits == list("31415926") + list("2718")
+    assert digits == list("31415926") + [" 2"] + list("718")
+
+
+def test_a_digit_keeps_its_leading_space() -> None:
+    # " 6" is one piece, so each number of "9 - 6 + 3" is a token of its own, not a shared bare space before it
+    tok = train_tokenizer([f"What is {a} - {b} + {c}?" for a in range(10) for b in range(10) for c in range(10)],
+                          vocab_size=300)
+    pieces = [tok.decode([i]) for i in tok.encode("9 - 6 + 3")]
+    assert pieces == ["9", " -", " 6", " +", " 3"]
 
 
 def test_save_load_round_trip(tok: Tokenizer, tmp_path: Path) -> None:

@@ -249,3 +249,7 @@ def test_steps_reward_is_the_share_of_worked_steps_stated_in_the_reasoning():
     assert steps_reward([both, first, hidden_after, "5"], solution=[solution] * 4) == [1.0, 0.5, 0.0, 0.0]
     assert steps_reward([both], solution=[None]) == [0.0]  # a row without a worked solution
     assert steps_reward([both]) == [0.0]
+    chained = "3 + 4 - 2 = 7 - 2 = 5\n#### 5"  # arithmetic's worked line: each side restates what is left
+    right, fact2, copy = ("<think>\n3 + 4 - 2 = 7 - 2 = 5\n</think>", "<think>\n3 + 4 - 2 = 7 - 2 = 4\n</think>",
+                          "<think>\n3 + 4 - 2 = 7 + 4 = 11\n</think>")
+    assert steps_reward([right, fact2, copy, both], solution=[chained] * 4) == [1.0, 0.5, 0.0, 0.5]

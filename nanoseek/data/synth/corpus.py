@@ -111,7 +111,7 @@ FACT_SHEET_SHARE = 0.3  # share of arithmetic documents that are number-fact she
 def fact_sheet(rng: random.Random) -> str:
     """A practice sheet of the number facts arithmetic levels 1-2 are built from: `a + b` and `a - b` with a
     first number up to 18 (a level-2 intermediate) and a single-digit second one, e.g. "13 - 5 = 8", written as
-    a running total: each line starts from the previous result, the way a worked solution chains its steps. A
+    a running total: each line starts from the previous result, so the page reads from a number already on it. A
     worked problem shows one or two facts among many other tokens; a sheet shows sixteen, so a small base that
     will be asked to chain them (and RL that sharpens the chains) has seen each one often. Two consecutive lines
     are a level-2 expression; one whose expression is held out (split_of its spelled structure) is never
