@@ -66,7 +66,9 @@ def test_the_loop_from_served_answers_to_a_reloaded_better_checkpoint(chat_dir, 
         assert report["export"]["preference"] == pairs and report["curation"]["kept"] >= pairs
         assert report["data"]["pairs_heldout"] >= 3 and report["data"]["pairs_train"] >= 10
         before, after = report["before"]["feedback_heldout"], report["after"]["feedback_heldout"]
-        assert before["pairs"] == after["pairs"] == report["data"]["pairs_heldout"]
+        # every held-out pair is scored or counted as skipped (a sampled reply may spell a control token)
+        assert before["pairs"] == after["pairs"] >= 3
+        assert before["pairs"] + sum(before["skipped"].values()) == report["data"]["pairs_heldout"]
         assert after["margin"] > before["margin"] + 1.0  # held-out prompts: never trained on
         assert after["accuracy"] >= before["accuracy"]
         assert len(report["after"]["tasks"]) == 1
