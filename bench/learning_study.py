@@ -100,7 +100,7 @@ def _stated_steps(text: str) -> list[tuple[int, str, int, int]]:
     out = []
     for line in text.splitlines():
         sides = line.split("=")
-        for left, right in zip(sides, sides[1:]):
+        for left, right in zip(sides, sides[1:], strict=False):
             m, r = STEP_LEFT.match(left), STEP_RIGHT.match(right)
             if m and r:
                 out.append((int(m[1]), m[2], int(m[3]), int(r[1])))
@@ -147,8 +147,9 @@ OPERANDS = ("a", "op1", "b", "op2", "c")
 
 def operand_errors(samples: Path) -> dict[str, float] | None:
     """For a level-2 arithmetic evaluation: the share of samples with two worked steps that copied each part of
-    the question's "a op1 b op2 c" wrong (in the steps "a op1 b = x" and "x op2 c = y" it computed). R1-Zero's plateau is the copying
-    of b and c (README, "Where the lift comes from"). None when the samples carry no questions."""
+    the question's "a op1 b op2 c" wrong (in the steps "a op1 b = x" and "x op2 c = y" it computed). Session 18's
+    R1-Zero plateau was the copying of b and c (README, "Where the lift comes from"). None when the samples carry
+    no questions."""
     wrong, n = dict.fromkeys(OPERANDS, 0), 0
     for r, steps in worked_steps(samples):
         question = QUESTION.search(r.get("question") or "")

@@ -461,7 +461,7 @@ def _steps(text: str) -> list[tuple[str, str]]:
     out = []
     for line in text.splitlines():
         sides = [" ".join(side.split()) for side in line.split("=")]
-        out += list(zip(sides, sides[1:]))
+        out += list(zip(sides, sides[1:], strict=False))
     return out
 
 

@@ -205,7 +205,8 @@ def test_arithmetic_level_two_holds_out_whole_expressions() -> None:
 
     def facts(p) -> list[str]:  # "3 - 2 + 9 = 1 + 9 = 10": "3 - 2 = 1", "1 + 9 = 10"
         sides = p.steps.split(" = ")
-        return [" ".join(left.split()[:3]) + " = " + right.split()[0] for left, right in zip(sides, sides[1:])]
+        return [" ".join(left.split()[:3]) + " = " + right.split()[0]
+                for left, right in zip(sides, sides[1:], strict=False)]
 
     trained = {fact for p in train for fact in facts(p)}
     assert sum(all(fact in trained for fact in facts(p)) for p in evals) >= 0.95 * len(evals)
