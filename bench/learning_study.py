@@ -190,7 +190,7 @@ def level2_facts() -> list[tuple[int, str, int]]:
 def fact_probe(ckpt: Path, template: str) -> dict[str, float | None]:
     """Greedy error rate of every level-2 fact (`level2_facts`) by kind (FACT_KINDS), asked the way a worked
     solution states it under the model's template: the question "What is a op b + 3?" and the opened
-    reasoning "a op b + 3 =" (a teen fact comes second, "9 + k op b = a op b =", the only way a chain reaches it).
+    reasoning "a op b =" (a teen fact comes second, after "9 + k = a", the only way a chain reaches it).
     Unlike `fact_errors`, every fact is asked equally often, whatever the model writes."""
     from nanoseek.data.synth import r1_zero_prompt
     from nanoseek.infer.engine import Engine
@@ -202,7 +202,7 @@ def fact_probe(ckpt: Path, template: str) -> dict[str, float | None]:
     facts, prompts = level2_facts(), []
     for a, op, b in facts:
         question = f"What is 9 + {a - 9} {op} {b}?" if a > 9 else f"What is {a} {op} {b} + 3?"
-        worked = f"9 + {a - 9} {op} {b} = {a} {op} {b} =" if a > 9 else f"{a} {op} {b} + 3 ="
+        worked = (f"9 + {a - 9} = {a}\n" if a > 9 else "") + f"{a} {op} {b} ="
         if template == "r1_zero":
             prompts.append(tok.encode(r1_zero_prompt(question) + "<think>\n" + worked, bos=True))
         else:

@@ -221,25 +221,12 @@ def _apply(op: str, a: int, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def _render_chain(first: int, chain: Sequence[tuple[str, int]]) -> str:
-    """`first op b op b ...` evaluated left to right, with the parentheses standard precedence needs."""
-    expr, prev_op = str(first), ""
-    for op, b in chain:
-        left = f"({expr})" if op in "*/" and prev_op in ("+", "-") else expr
-        expr, prev_op = f"{left} {op} {b}", op
-    return expr
-
-
-def _arith_chain(rng: random.Random, steps: int, hi: int, ops: str) -> tuple[str, str, int]:
-    """A left-to-right chain of operations with non-negative integer intermediates. Returns (expression, worked
-    line, value). The worked line restates what is left after each step, "3 - 2 + 5 = 1 + 5 = 6": the first side
-    copies the question, and each later side copies the rest of the side before it from a few tokens back. With
-    a line per step ("3 - 2 = 1", "1 + 5 = 6") the second line must find its operator and operand back in the
-    question, and a small model repeats the first line's instead ("3 + 4 - 3": "7 + 4 = 11"; README, "Where the
-    lift comes from")."""
+def _arith_chain(rng: random.Random, steps: int, hi: int, ops: str) -> tuple[str, list[str], int]:
+    """A left-to-right chain of operations with non-negative integer intermediates.
+    Returns (expression with the parentheses standard precedence needs, one line per step, value)."""
     lo = 0 if steps == 1 else 1  # zeros make multi-step chains degenerate ("0 + 0 - 0")
-    first = value = rng.randint(lo, hi)
-    chain, values = [], []
+    value = rng.randint(lo, hi)
+    expr, lines, prev_op = str(value), [], ""
     for _ in range(steps):
         choices = [o for o in ops if o != "/" or (value > 0 and any(value % d == 0 for d in range(2, 10)))]
         op = rng.choice(choices)
@@ -251,12 +238,11 @@ def _arith_chain(rng: random.Random, steps: int, hi: int, ops: str) -> tuple[str
             b = rng.randint(2, min(9, max(2, hi)))
         else:
             b = rng.choice([d for d in range(2, 10) if value % d == 0])
-        value = _apply(op, value, b)
-        chain.append((op, b))
-        values.append(value)
-    expr = _render_chain(first, chain)
-    rests = [_render_chain(values[k], chain[k + 1:]) for k in range(steps)]  # the last is the value alone
-    return expr, " = ".join([expr, *rests]), value
+        new = _apply(op, value, b)
+        left = f"({expr})" if op in "*/" and prev_op in ("+", "-") else expr
+        lines.append(f"{value} {op} {b} = {new}")
+        expr, value, prev_op = f"{left} {op} {b}", new, op
+    return expr, lines, value
 
 
 def spell_expression(expr: str) -> str:
@@ -271,11 +257,11 @@ def spell_expression(expr: str) -> str:
 
 def _gen_arithmetic(rng: random.Random, difficulty: int) -> tuple[Problem, str, str]:
     steps, hi, ops = _ARITH_LEVELS[difficulty]
-    expr, worked, value = _arith_chain(rng, steps, hi, ops)
+    expr, lines, value = _arith_chain(rng, steps, hi, ops)
     templates = rng.sample(_ARITH_TEMPLATES, len(_ARITH_TEMPLATES))
     spelled = spell_expression(expr)
     return Problem(
-        question=templates[0].format(e=expr), answer=str(value), solution=f"{worked}\n#### {value}",
+        question=templates[0].format(e=expr), answer=str(value), solution="\n".join(lines) + f"\n#### {value}",
         task="arithmetic", difficulty=difficulty, paraphrases=[t.format(e=expr) for t in templates[1:]],
     ), spelled, spelled
 
